@@ -1,0 +1,230 @@
+"""The ``ecdc`` command line: argument checking and messages; the codec logic lives elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, Optional
+
+import click
+
+from . import __version__, audio
+from .codec import STEREO_CHOICES, Codec, EncodedAudio, atomic_output, load_model, load_model_for
+from .container import StereoMode
+from .errors import EcdcError
+
+STDIO = "-"
+
+
+class CliError(Exception):
+    """A one-line failure tied to a file: printed as ``ecdc: error: FILE: message``."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(message)
+        self.where = where
+
+
+def _fail(where: str, message: str) -> NoReturn:
+    raise CliError(where, message)
+
+
+def _report_errors(func: Callable) -> Callable:
+    """Turn expected failures into one line on stderr and a non-zero exit; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        where = kwargs.get("input_path") or ""
+        try:
+            return func(*args, **kwargs)
+        except CliError as exc:
+            _print_error(exc.where, str(exc))
+        except EcdcError as exc:
+            _print_error(where, str(exc))
+        except MemoryError:
+            _print_error(where, "out of memory")
+        except OSError as exc:
+            _print_error(getattr(exc, "filename", None) or where, exc.strerror or str(exc))
+        except KeyboardInterrupt:
+            click.echo("ecdc: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(1)
+
+    return wrapper
+
+
+def _print_error(where: str, message: str) -> None:
+    prefix = f"{where}: " if where and where != STDIO else ("<stdin>: " if where == STDIO else "")
+    click.echo(f"ecdc: error: {prefix}{message}", err=True)
+
+
+def _check_output(input_path: str, output: str, force: bool) -> None:
+    if output == STDIO:
+        if sys.stdout.isatty():
+            _fail(output, "refusing to write binary data to a terminal; redirect it or pass -o FILE")
+        return
+    if input_path != STDIO and os.path.exists(output) and os.path.samefile(input_path, output):
+        _fail(output, "output is the input file; choose another -o")
+    if os.path.isdir(output):
+        _fail(output, "output is a directory")
+    if os.path.exists(output) and not force:
+        _fail(output, "output exists (use -f to overwrite)")
+
+
+def _check_input(input_path: str) -> None:
+    if input_path == STDIO:
+        return
+    if not os.path.exists(input_path):
+        _fail(input_path, "no such file")
+    if os.path.isdir(input_path):
+        _fail(input_path, "is a directory")
+    if not os.access(input_path, os.R_OK):
+        _fail(input_path, "permission denied")
+
+
+def _read_input_bytes(input_path: str) -> bytes:
+    if input_path == STDIO:
+        return sys.stdin.buffer.read()
+    with open(input_path, "rb") as f:
+        return f.read()
+
+
+def _write_output(output: str, write: Callable[[io.BufferedIOBase], None]) -> None:
+    if output == STDIO:
+        buf = io.BytesIO()
+        write(buf)
+        sys.stdout.buffer.write(buf.getvalue())
+        sys.stdout.buffer.flush()
+        return
+    with atomic_output(output) as out:
+        write(out)
+
+
+def _load(model: Optional[str], checkpoint: Optional[str], device: str) -> Codec:
+    return load_model(model, device=device, checkpoint=checkpoint)
+
+
+model_option = click.option("--model", "-m", "model", metavar="NAME",
+                            help="Registered model name (see `ecdc models`).")
+checkpoint_option = click.option("--checkpoint", metavar="PATH", type=click.Path(dir_okay=False),
+                                 help="Load weights from a local checkpoint file.")
+device_option = click.option("--device", default="auto", show_default=True,
+                             type=click.Choice(["auto", "cpu", "cuda"]),
+                             help="Where to run the model; auto uses CUDA when available.")
+force_option = click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ecdc")
+def main() -> None:
+    """ecdc: neural audio compression with EnCodec.
+
+    \b
+      ecdc compress speech.wav -b 6        # writes speech.ecdc (6 kbps)
+      ecdc decompress speech.ecdc          # writes speech.wav
+      ecdc info speech.ecdc
+    """
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", metavar="OUTPUT", help="Output file (default: INPUT with suffix .ecdc; - for stdout).")
+@click.option("-b", "--bandwidth", default=6.0, show_default=True, type=float, metavar="KBPS",
+              help="Target bitrate in kbps. 24 kHz models: 1.5, 3, 6, 12, 24 (2, 4, 8, 16, 32 codebooks).")
+@model_option
+@checkpoint_option
+@click.option("--stereo", type=click.Choice(STEREO_CHOICES), default=None,
+              help="Multi-channel input with a mono model: downmix (default) or dual (each channel coded, 2x bits).")
+@device_option
+@force_option
+@_report_errors
+def compress(input_path: str, output: Optional[str], bandwidth: float, model: Optional[str],
+             checkpoint: Optional[str], stereo: Optional[str], device: str, force: bool) -> None:
+    """Compress an audio file (wav, flac, ogg, ...; - for stdin) to .ecdc."""
+    if output is None:
+        output = STDIO if input_path == STDIO else str(Path(input_path).with_suffix(".ecdc"))
+    _check_input(input_path)
+    _check_output(input_path, output, force)
+    codec = _load(model, checkpoint, device)
+    codec.model.num_codebooks(bandwidth)  # reject a bad -b before reading any audio
+    try:
+        if input_path == STDIO:
+            wav, rate = audio.read_audio_bytes(_read_input_bytes(STDIO))
+        else:
+            wav, rate = audio.read_audio(input_path)
+    except EcdcError as exc:
+        _fail(input_path, str(exc))
+    encoded = codec.encode(wav, rate, bandwidth, stereo)
+    _write_output(output, encoded.write)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", metavar="OUTPUT", help="Output wav (default: INPUT with suffix .wav; - for stdout).")
+@click.option("--rate", "sample_rate", type=click.IntRange(1000, 768000), metavar="HZ",
+              help="Output sample rate (default: the original input's).")
+@click.option("--channels", type=click.IntRange(1, 64), metavar="N",
+              help="Output channel count (default: the original input's).")
+@model_option
+@checkpoint_option
+@device_option
+@force_option
+@_report_errors
+def decompress(input_path: str, output: Optional[str], sample_rate: Optional[int], channels: Optional[int],
+               model: Optional[str], checkpoint: Optional[str], device: str, force: bool) -> None:
+    """Decompress a .ecdc file (ecdc's or Meta's; - for stdin) to a 16-bit wav."""
+    if output is None:
+        output = STDIO if input_path == STDIO else str(Path(input_path).with_suffix(".wav"))
+    _check_input(input_path)
+    _check_output(input_path, output, force)
+    encoded = EncodedAudio.from_bytes(_read_input_bytes(input_path))
+    codec = load_model_for(encoded.header, model, checkpoint, device)
+    wav, rate = codec.decode(encoded, sample_rate, channels)
+    _write_output(output, lambda out: audio.write_audio(out, wav, rate))
+
+
+@main.command()
+@click.argument("input_path", metavar="FILE")
+@_report_errors
+def info(input_path: str) -> None:
+    """Show what a .ecdc file holds (reads and checks the whole file)."""
+    _check_input(input_path)
+    data = _read_input_bytes(input_path)
+    encoded = EncodedAudio.from_bytes(data)
+    h = encoded.header
+    duration = encoded.num_samples / h.sample_rate
+    streams = 2 if h.stereo_mode == StereoMode.DUAL else 1
+    rows = [
+        ("format version", str(h.version)),
+        ("model", h.model_name),
+        ("weights", h.weights_fingerprint.hex() if any(h.weights_fingerprint) else "unknown"),
+        ("bandwidth", f"{h.bandwidth:g} kbps ({h.num_codebooks} codebooks x {h.bits_per_code} bits"
+                      f" x {h.sample_rate / h.hop_length:g} Hz" + (" x 2 channels)" if streams == 2 else ")")),
+        ("duration", f"{duration:.3f} s ({encoded.num_samples} samples)"),
+        ("sample rate", f"{h.sample_rate} Hz (original {h.original_sample_rate} Hz)"),
+        ("channels", f"{h.channels} coded, {h.stereo_mode.name.lower()} (original {h.original_channels})"),
+        ("chunks", str(len(encoded.chunks))),
+        ("size", f"{len(data)} bytes"),
+        ("bitrate", f"{len(data) * 8 / duration / 1000:.2f} kbps overall" if duration > 0 else "n/a"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+@main.command()
+def models() -> None:
+    """List the models ecdc knows by name."""
+    from .weights import DEFAULT_MODEL, available_models
+
+    for name, spec in sorted(available_models().items()):
+        cfg = spec.config
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        bws = "/".join(f"{b:g}" for b in cfg.bandwidths)
+        click.echo(f"{name}{mark}: {cfg.sample_rate} Hz, {cfg.channels} ch, {bws} kbps. {spec.description}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Model registry, weight cache and verified downloads.
+
+A model is known by name (``encodec_24khz``) or given as a checkpoint path. Downloaded
+checkpoints are verified against the sha256 prefix in their file name before they are
+cached, and every checkpoint is loaded with ``weights_only=True``: a checkpoint is
+untrusted input and must never be able to run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from .errors import ModelError, WeightsError
+from .models.encodec import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
+
+#: Meta's official download address for the released EnCodec checkpoints.
+DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/encodec/v0/"
+BASE_URL_ENV = "ECDC_WEIGHTS_URL"
+CACHE_DIR_ENV = "ECDC_CACHE_DIR"
+DOWNLOAD_TIMEOUT_S = 30.0
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a named model's weights come from.
+
+    ``filename`` is fetched from the base URL into the cache unless ``packaged`` names
+    a file shipped inside the ``ecdc`` package.
+    """
+
+    config: EncodecConfig
+    filename: str
+    packaged: Optional[str] = None
+    description: str = ""
+
+
+_REGISTRY: Dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> None:
+    """Make a model loadable by name (used for the built-in models and by tests/plugins)."""
+    _REGISTRY[spec.config.name] = spec
+
+
+def unregister_model(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def available_models() -> Dict[str, ModelSpec]:
+    return dict(_REGISTRY)
+
+
+register_model(ModelSpec(ENCODEC_24KHZ, "encodec_24khz-d7cc33bc.th",
+                         description="Meta's EnCodec 24 kHz mono (downloaded on first use)"))
+register_model(ModelSpec(ENCODEC_48KHZ, "encodec_48khz-7e698e3e.th",
+                         description="Meta's EnCodec 48 kHz stereo (downloaded on first use)"))
+
+#: Name of the model used when the user names none; None until ecdc ships trained weights.
+DEFAULT_MODEL: Optional[str] = None
+
+
+def cache_dir() -> Path:
+    """Directory holding downloaded checkpoints (``$ECDC_CACHE_DIR`` overrides)."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ecdc"
+
+
+def base_url() -> str:
+    url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    return url if url.endswith("/") else url + "/"
+
+
+def expected_hash_prefix(filename: str) -> str:
+    """The sha256 prefix a checkpoint's file name promises (``name-<hex>.th``)."""
+    match = _HASH_IN_NAME.search(filename)
+    if not match:
+        raise WeightsError(f"checkpoint name {filename!r} carries no sha256 prefix")
+    return match.group(1)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_checkpoint(filename: str, *, url: Optional[str] = None,
+                        directory: Optional[Path] = None,
+                        progress: Optional[Callable[[int, Optional[int]], None]] = None) -> Path:
+    """Return the cached path of ``filename``, downloading and verifying it if needed.
+
+    The file is streamed into a temporary file inside the cache directory and only
+    renamed into place once its sha256 matches the prefix in its name, so the cache
+    never holds an unverified file.
+    """
+    directory = Path(directory) if directory is not None else cache_dir()
+    target = directory / filename
+    prefix = expected_hash_prefix(filename)
+    if target.is_file():
+        if _sha256_of(target).startswith(prefix):
+            return target
+        target.unlink()  # a damaged cache entry: fetch it again
+    url = url or base_url() + filename
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"cannot create cache directory {directory}: {exc.strerror or exc}") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length and length.isdigit() else None
+                    done = 0
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        out.write(block)
+                        digest.update(block)
+                        done += len(block)
+                        if progress is not None:
+                            progress(done, total)
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                raise WeightsError(
+                    f"cannot download {url}: {reason}. Without network access, download it "
+                    f"elsewhere and pass it with --checkpoint PATH, or place it in {directory}"
+                ) from None
+        actual = digest.hexdigest()
+        if not actual.startswith(prefix):
+            raise WeightsError(
+                f"downloaded {url} has sha256 {actual[:16]}..., expected a prefix {prefix}: "
+                "refusing to use it"
+            )
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def _load_checkpoint_file(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: never runs pickled code."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, not a checkpoint") from None
+    except PermissionError:
+        raise WeightsError(f"{path}: permission denied") from None
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({first[:200]})") from None
+
+
+def _split_checkpoint(obj: Any, path: Path) -> Tuple[Optional[dict], Mapping[str, torch.Tensor]]:
+    """Accept ecdc's own ``{"config", "state_dict"}`` layout or a bare state dict (Meta's)."""
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: checkpoint is not a state dict")
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        config = obj.get("config")
+        if config is not None and not isinstance(config, Mapping):
+            raise WeightsError(f"{path}: checkpoint 'config' is not a mapping")
+        return (dict(config) if config is not None else None), obj["state_dict"]
+    if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return None, obj
+    raise WeightsError(f"{path}: checkpoint is neither a state dict nor ecdc's checkpoint layout")
+
+
+def _config_for_path(path: Path, embedded: Optional[dict], model_name: Optional[str]) -> EncodecConfig:
+    if embedded is not None:
+        try:
+            return EncodecConfig.from_dict(embedded)
+        except (TypeError, ValueError) as exc:
+            raise WeightsError(f"{path}: invalid model config in checkpoint: {exc}") from None
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            return EncodecConfig.from_dict(json.loads(sidecar.read_text()))
+        except (OSError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{sidecar}: invalid model config: {exc}") from None
+    if model_name is not None:
+        return get_spec(model_name).config
+    for spec in _REGISTRY.values():
+        if path.name.startswith(spec.config.name + "-") or path.stem == spec.config.name:
+            return spec.config
+    raise WeightsError(
+        f"{path}: cannot tell which architecture this checkpoint is; pass --model NAME "
+        f"(one of {', '.join(sorted(_REGISTRY))}) or put its config in {sidecar.name}"
+    )
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """16 bytes identifying a set of weights, independent of how the file stored them.
+
+    Hashes every tensor (as float32 for floating tensors, so an fp16-stored copy of the
+    same values and its fp32 load agree) in sorted key order.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        digest.update(key.encode("utf-8"))
+        digest.update(str(tuple(tensor.shape)).encode("ascii"))
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.digest()[:16]
+
+
+def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> EncodecModel:
+    """Instantiate ``config`` and load ``state_dict`` strictly (a mismatch is the user's error)."""
+    model = EncodecModel(config)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
+        raise WeightsError(f"{source}: weights do not fit model {config.name!r} ({detail[:200]})") from None
+    model.eval()
+    return model
+
+
+def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
+                 progress: Optional[Callable[[int, Optional[int]], None]] = None
+                 ) -> Tuple[EncodecModel, bytes]:
+    """Load a model by registry name and/or checkpoint path; return it and its fingerprint."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        obj = _load_checkpoint_file(path)
+        embedded, state_dict = _split_checkpoint(obj, path)
+        config = _config_for_path(path, embedded, name)
+        source = str(path)
+    else:
+        if name is None:
+            raise ModelError(_no_default_message())
+        spec = get_spec(name)
+        if spec.packaged is not None:
+            path = Path(__file__).parent / spec.packaged
+        else:
+            path = download_checkpoint(spec.filename, progress=progress)
+        embedded, state_dict = _split_checkpoint(_load_checkpoint_file(path), path)
+        config = spec.config
+        source = str(path)
+    model = build_model(config, state_dict, source)
+    return model, weights_fingerprint(model.state_dict())
+
+
+def _no_default_message() -> str:
+    return (
+        "no model given and ecdc does not ship a default model yet: pass --model encodec_24khz "
+        "(or encodec_48khz), which downloads Meta's weights on first use, or --checkpoint PATH"
+    )
