@@ -1,0 +1,277 @@
+"""The EnCodec model (encoder, RVQ, decoder) and the two configurations Meta released.
+
+Only tensors in, tensors out: reading audio, weights and .ecdc files is done elsewhere.
+Submodule names match Meta's ``encodec.EncodecModel`` so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .modules import CONV_NORMS
+from .quantizer import ResidualVectorQuantizer
+from .seanet import SEANetDecoder, SEANetEncoder
+
+
+@dataclass(frozen=True)
+class EncodecConfig:
+    """Everything needed to build an :class:`EncodecModel`; JSON-able via :meth:`to_dict`."""
+
+    name: str
+    sample_rate: int
+    channels: int
+    causal: bool
+    norm: str  # "weight_norm" | "time_group_norm"
+    bandwidths: tuple[float, ...]  # kbps, ascending
+    normalize: bool  # scale each segment to unit RMS (48 kHz model)
+    segment: float | None  # seconds; None = encode the whole input at once
+    overlap: float = 0.01
+    n_filters: int = 32
+    ratios: tuple[int, ...] = (8, 5, 4, 2)
+    dimension: int = 128
+    n_residual_layers: int = 1
+    lstm_layers: int = 2
+    codebook_size: int = 1024
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. straight from JSON) but store tuples so the config stays hashable.
+        object.__setattr__(self, "bandwidths", tuple(float(b) for b in self.bandwidths))
+        object.__setattr__(self, "ratios", tuple(int(r) for r in self.ratios))
+        problems = []
+        if self.sample_rate < 1:
+            problems.append("sample_rate must be positive")
+        if self.channels < 1:
+            problems.append("channels must be positive")
+        if self.norm not in CONV_NORMS:
+            problems.append(f"norm must be one of {', '.join(CONV_NORMS)}")
+        if self.norm == "time_group_norm" and self.causal:
+            problems.append("time_group_norm cannot be causal")
+        if not self.bandwidths or any(b <= 0 for b in self.bandwidths):
+            problems.append("bandwidths must be a non-empty list of positive numbers")
+        elif list(self.bandwidths) != sorted(set(self.bandwidths)):
+            problems.append("bandwidths must be strictly ascending")
+        if self.segment is not None and self.segment <= 0:
+            problems.append("segment must be positive or None")
+        if not 0 <= self.overlap < 1:
+            problems.append("overlap must be in [0, 1)")
+        if not self.ratios or any(r < 1 for r in self.ratios):
+            problems.append("ratios must be positive")
+        if self.n_filters < 1 or self.dimension < 1:
+            problems.append("n_filters and dimension must be positive")
+        if self.n_residual_layers < 0 or self.lstm_layers < 0:
+            problems.append("n_residual_layers and lstm_layers must be >= 0")
+        if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
+            problems.append("codebook_size must be a power of two")
+        if problems:
+            raise ValueError(f"invalid EncodecConfig {self.name!r}: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of JSON types (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["bandwidths"] = list(self.bandwidths)
+        d["ratios"] = list(self.ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncodecConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown EncodecConfig keys: {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:  # missing required keys
+            raise ValueError(f"incomplete EncodecConfig: {exc}") from None
+
+
+ENCODEC_24KHZ = EncodecConfig(
+    name="encodec_24khz",
+    sample_rate=24_000,
+    channels=1,
+    causal=True,
+    norm="weight_norm",
+    bandwidths=(1.5, 3.0, 6.0, 12.0, 24.0),
+    normalize=False,
+    segment=None,
+)
+
+ENCODEC_48KHZ = EncodecConfig(
+    name="encodec_48khz",
+    sample_rate=48_000,
+    channels=2,
+    causal=False,
+    norm="time_group_norm",
+    bandwidths=(3.0, 6.0, 12.0, 24.0),
+    normalize=True,
+    segment=1.0,
+    overlap=0.01,
+)
+
+
+@dataclass
+class EncodedSegment:
+    """Codes of one segment and, for normalising models, the RMS it was divided by."""
+
+    codes: torch.Tensor  # [B, K, F] int64
+    scale: torch.Tensor | None  # [B] float32, None when the model does not normalise
+
+
+def linear_overlap_add(frames: Sequence[torch.Tensor], stride: int) -> torch.Tensor:
+    """Join overlapping decoded segments ``[..., T_i]`` placed ``stride`` apart.
+
+    Each segment is weighted by a triangle peaking at its middle and the sum is divided by
+    the summed weights, so samples covered once pass unchanged and overlaps cross-fade
+    linearly. Same weights as Meta's decoder, so outputs match it.
+    """
+    if not frames:
+        raise ValueError("nothing to overlap-add")
+    first = frames[0]
+    device, dtype = first.device, first.dtype
+    total = stride * (len(frames) - 1) + frames[-1].shape[-1]
+    t = torch.linspace(0, 1, first.shape[-1] + 2, device=device, dtype=dtype)[1:-1]
+    weight = 0.5 - (t - 0.5).abs()
+    out = torch.zeros(*first.shape[:-1], total, device=device, dtype=dtype)
+    weight_sum = torch.zeros(total, device=device, dtype=dtype)
+    for i, frame in enumerate(frames):
+        n = frame.shape[-1]
+        if n > weight.shape[0]:
+            raise ValueError("every segment must be at most as long as the first")
+        start = i * stride
+        out[..., start : start + n] += weight[:n] * frame
+        weight_sum[start : start + n] += weight[:n]
+    if bool((weight_sum <= 0).any()):
+        raise ValueError(f"stride {stride} leaves gaps between segments")
+    return out / weight_sum
+
+
+class EncodecModel(nn.Module):
+    """EnCodec: waveform <-> discrete codes, one :class:`EncodedSegment` per segment."""
+
+    def __init__(self, config: EncodecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.name = config.name
+        self.sample_rate = config.sample_rate
+        self.channels = config.channels
+        self.bandwidths = config.bandwidths
+        self.hop_length = math.prod(config.ratios)
+        self.frame_rate = config.sample_rate / self.hop_length
+        self.bits_per_code = int(math.log2(config.codebook_size))
+        common: dict[str, Any] = dict(
+            channels=config.channels, dimension=config.dimension, n_filters=config.n_filters,
+            n_residual_layers=config.n_residual_layers, ratios=config.ratios, norm=config.norm,
+            causal=config.causal, lstm_layers=config.lstm_layers,
+        )
+        self.max_codebooks = self._codebooks_for(config.bandwidths[-1])
+        # Registration order = state-dict key order; Meta's is encoder, quantizer, decoder.
+        self.encoder = SEANetEncoder(**common)
+        self.quantizer = ResidualVectorQuantizer(config.dimension, self.max_codebooks,
+                                                 config.codebook_size)
+        self.decoder = SEANetDecoder(**common)
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def segment_length(self) -> int | None:
+        """Samples per segment, or None when the whole input is one segment."""
+        if self.config.segment is None:
+            return None
+        return int(self.config.segment * self.sample_rate)
+
+    @property
+    def segment_stride(self) -> int | None:
+        """Samples between segment starts (segment length minus the overlap)."""
+        length = self.segment_length
+        if length is None:
+            return None
+        return max(1, int((1 - self.config.overlap) * length))
+
+    def _codebooks_for(self, bandwidth: float) -> int:
+        return max(1, int(bandwidth * 1000 // (self.bits_per_code * self.frame_rate)))
+
+    def num_codebooks(self, bandwidth: float) -> int:
+        """Codebooks used at ``bandwidth`` kbps (Meta's formula: 24 kbps -> 32 at 24 kHz)."""
+        if bandwidth not in self.bandwidths:
+            valid = ", ".join(f"{b:g}" for b in self.bandwidths)
+            raise ModelError(f"{self.name} does not support {bandwidth:g} kbps; choose one of {valid}")
+        return self._codebooks_for(bandwidth)
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def _device(self) -> torch.device:
+        return self.quantizer.vq.layers[0].codebook.device
+
+    def encode(self, wav: torch.Tensor, bandwidth: float) -> list[EncodedSegment]:
+        """Waveform ``[B, C, T]`` at ``sample_rate`` -> codes, one entry per segment."""
+        num_codebooks = self.num_codebooks(bandwidth)
+        self._check_wav(wav)
+        length = wav.shape[-1]
+        seg_len = self.segment_length or length
+        stride = self.segment_stride or length
+        return [self.encode_segment(wav[:, :, start : start + seg_len], num_codebooks)
+                for start in range(0, length, stride)]
+
+    def _check_wav(self, wav: torch.Tensor) -> None:
+        if wav.dim() != 3 or wav.shape[1] != self.channels:
+            raise ModelError(f"{self.name} expects audio shaped [batch, {self.channels}, samples], "
+                             f"got {list(wav.shape)}")
+        if wav.shape[-1] == 0:
+            raise ModelError("cannot encode empty audio")
+        if not wav.is_floating_point():
+            raise ModelError(f"audio must be floating point, got {wav.dtype}")
+
+    def encode_segment(self, wav: torch.Tensor, num_codebooks: int) -> EncodedSegment:
+        """Encode one segment ``[B, C, T]`` (T at most ``segment_length``) with K codebooks."""
+        self._check_wav(wav)
+        if not 1 <= num_codebooks <= self.max_codebooks:
+            raise ModelError(f"{self.name} has {self.max_codebooks} codebooks, asked for {num_codebooks}")
+        seg_len = self.segment_length
+        if seg_len is not None and wav.shape[-1] > seg_len:
+            raise ModelError(f"segment of {wav.shape[-1]} samples is longer than {seg_len}")
+        wav = wav.to(self._device())
+        scale = None
+        if self.config.normalize:
+            # RMS of the mono mix; the epsilon keeps silence finite.
+            mono = wav.mean(dim=1, keepdim=True)
+            rms = mono.pow(2).mean(dim=2, keepdim=True).sqrt()
+            scale_3d = 1e-8 + rms
+            wav = wav / scale_3d
+            scale = scale_3d.view(-1)
+        codes = self.quantizer.encode(self.encoder(wav), num_codebooks)
+        return EncodedSegment(codes=codes, scale=scale)
+
+    def decode_segment(self, seg: EncodedSegment) -> torch.Tensor:
+        """Codes of one segment -> waveform ``[B, C, F * hop_length]``."""
+        codes = seg.codes.to(self._device())
+        if codes.dim() != 3 or codes.shape[1] > self.max_codebooks:
+            raise ModelError(f"codes must be [batch, <= {self.max_codebooks}, frames], "
+                             f"got {list(codes.shape)}")
+        try:
+            out = self.decoder(self.quantizer.decode(codes.long()))
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        if seg.scale is not None:
+            out = out * seg.scale.to(out).view(-1, 1, 1)
+        return out
+
+    def decode(self, segments: list[EncodedSegment]) -> torch.Tensor:
+        """Segments -> waveform ``[B, C, T']``, cross-faded where segments overlap.
+
+        T' can exceed the encoded length by up to a frame; the caller trims.
+        """
+        if not segments:
+            raise ModelError("no segments to decode")
+        stride = self.segment_stride
+        if stride is None:
+            if len(segments) != 1:
+                raise ModelError(f"{self.name} is not segmented, got {len(segments)} segments")
+            return self.decode_segment(segments[0])
+        return linear_overlap_add([self.decode_segment(s) for s in segments], stride)
