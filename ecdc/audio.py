@@ -70,6 +70,13 @@ def resample(wav: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(out, dtype=np.float32).reshape(-1, wav.shape[0]).T)
 
 
+def fit_length(wav: np.ndarray, length: int) -> np.ndarray:
+    """Trim or zero-pad ``[C, T]`` audio to exactly ``length`` samples."""
+    if wav.shape[-1] >= length:
+        return wav[..., :length]
+    return np.pad(wav, [(0, 0)] * (wav.ndim - 1) + [(0, length - wav.shape[-1])])
+
+
 def to_channels(wav: np.ndarray, channels: int) -> np.ndarray:
     """Mix or spread ``[C, T]`` audio to ``channels`` channels.
 

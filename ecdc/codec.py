@@ -47,6 +47,8 @@ class EncodedAudio:
     header: EcdcHeader
     chunks: List[CodeChunk] = field(default_factory=list)
     num_samples: int = 0
+    #: the input's length at header.original_sample_rate (None: unknown)
+    original_samples: Optional[int] = None
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -57,7 +59,7 @@ class EncodedAudio:
         writer = EcdcWriter(fileobj, self.header)
         for chunk in self.chunks:
             writer.write_chunk(chunk)
-        writer.finish(self.num_samples)
+        writer.finish(self.num_samples, self.original_samples)
 
     @classmethod
     def read(cls, fileobj: BinaryIO) -> "EncodedAudio":
@@ -66,7 +68,7 @@ class EncodedAudio:
         total = reader.total_samples
         if total is None:
             total = reader.header.num_samples if reader.header.num_samples is not None else 0
-        return cls(reader.header, chunks, int(total))
+        return cls(reader.header, chunks, int(total), reader.original_samples)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EncodedAudio":
@@ -146,7 +148,7 @@ class Codec:
                 x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
                 segments = self.model.encode(x, bandwidth)
             chunks = list(self._chunks(segments))
-        return EncodedAudio(header, chunks, num_samples)
+        return EncodedAudio(header, chunks, num_samples, original_samples=wav.shape[-1])
 
     def decode(self, encoded: EncodedAudio, sample_rate: Optional[int] = None,
                channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
@@ -157,6 +159,9 @@ class Codec:
         out_channels = int(channels or header.original_channels or header.channels)
         wav = self._decode_model_rate(encoded)
         wav = audio.resample(wav, header.sample_rate, out_rate)
+        if encoded.original_samples is not None and header.original_sample_rate:
+            # Give back exactly as many samples as went in (resampling can be off by one).
+            wav = audio.fit_length(wav, round(encoded.original_samples * out_rate / header.original_sample_rate))
         return audio.to_channels(wav, out_channels), out_rate
 
     def compress(self, wav: np.ndarray, sample_rate: int, bandwidth: float = 6.0,

@@ -105,6 +105,8 @@ _CHUNK_HEAD = struct.Struct("<BI")
 _CODE_HEAD = struct.Struct("<II")
 _SCALE = struct.Struct("<f")
 _END = struct.Struct("<QI")
+# Optional field at offset 12 of the end chunk: the input's length at its original rate.
+_END_ORIGINAL = struct.Struct("<Q")
 
 # Largest payload a v0 JSON header may have; Meta writes ~60 bytes.
 _V0_MAX_JSON = 64 * 1024
@@ -238,8 +240,8 @@ class EcdcHeader:
             raise bad(f"JOINT needs a multi-channel model, got channels={ch}")
         if mode == StereoMode.DOWNMIX and not (ch == 1 and orig >= 2):
             raise bad(f"DOWNMIX needs channels == 1 and original_channels >= 2, got {ch} and {orig}")
-        if mode == StereoMode.DUAL and not (ch == 1 and orig == 2):
-            raise bad(f"DUAL needs channels == 1 and original_channels == 2, got {ch} and {orig}")
+        if mode == StereoMode.DUAL and not (ch == 1 and orig >= 2):
+            raise bad(f"DUAL needs channels == 1 and original_channels >= 2, got {ch} and {orig}")
         if isinstance(self.bandwidth, bool) or not isinstance(self.bandwidth, (int, float)):
             raise bad(f"bandwidth must be a number of kbps, got {self.bandwidth!r}")
         if not math.isfinite(self.bandwidth) or not 1 <= self.bandwidth_bps <= 0xFFFFFFFF:
@@ -448,8 +450,13 @@ class EcdcWriter:
         self.chunks_written += 1
         self.frames_written += n_frames
 
-    def finish(self, total_samples: int) -> None:
-        """Write the end marker with the authoritative sample count (at the model's rate)."""
+    def finish(self, total_samples: int, original_samples: int | None = None) -> None:
+        """Write the end marker with the authoritative sample count (at the model's rate).
+
+        ``original_samples`` is the input's length at ``original_sample_rate``, so a
+        decoder can give back exactly as many samples as went in (resampling alone is
+        off by one now and then); None writes "unknown".
+        """
         if self._finished:
             raise ValueError("EcdcWriter.finish called twice")
         h = self.header
@@ -465,7 +472,15 @@ class EcdcWriter:
                 f"total_samples {total} exceeds the {self.frames_written} frames written "
                 f"({self.frames_written * h.hop_length} samples)"
             )
-        self._write(encode_chunk(CHUNK_END, _END.pack(total, self.chunks_written)))
+        if original_samples is None:
+            original = UNKNOWN_SAMPLES
+        elif isinstance(original_samples, bool) or not isinstance(original_samples, (int, np.integer)) \
+                or not 0 <= int(original_samples) < UNKNOWN_SAMPLES:
+            raise ValueError(f"original_samples must be a non-negative integer, got {original_samples!r}")
+        else:
+            original = int(original_samples)
+        payload = _END.pack(total, self.chunks_written) + _END_ORIGINAL.pack(original)
+        self._write(encode_chunk(CHUNK_END, payload))
         self._finished = True
         flush = getattr(self._f, "flush", None)
         if flush is not None:
@@ -516,11 +531,13 @@ class EcdcReader:
 
     header: EcdcHeader
     total_samples: int | None
+    original_samples: int | None
 
     def __init__(self, fileobj: BinaryIO) -> None:
         self._f = fileobj
         self._pos = 0
         self.total_samples = None
+        self.original_samples = None
         self.chunks_read = 0
         start = self._read_upto(5)
         if not start:
@@ -664,6 +681,9 @@ class EcdcReader:
                         f"corrupt .ecdc stream: the end marker says {total} samples but the "
                         f"{frames} frames present cover at most {frames * h.hop_length}"
                     )
+                if length >= _END.size + _END_ORIGINAL.size:
+                    (original,) = _END_ORIGINAL.unpack_from(payload, _END.size)
+                    self.original_samples = None if original == UNKNOWN_SAMPLES else original
                 self.total_samples = total
                 return
             # Any other type: skipped (after its CRC was checked), as the spec requires.
@@ -765,6 +785,7 @@ class EcdcReader:
                 self.chunks_read += 1
                 yield CodeChunk(np.ascontiguousarray(codes), scale)
         self.total_samples = h.num_samples
+        self.original_samples = h.num_samples
 
     # -- iteration
 
@@ -776,13 +797,14 @@ class EcdcReader:
 # --------------------------------------------------------------------------- conveniences
 
 
-def write_ecdc(header: EcdcHeader, chunks: Iterable[CodeChunk], total_samples: int) -> bytes:
+def write_ecdc(header: EcdcHeader, chunks: Iterable[CodeChunk], total_samples: int,
+               original_samples: int | None = None) -> bytes:
     """Serialise a whole version 1 file to bytes."""
     buf = io.BytesIO()
     writer = EcdcWriter(buf, header)
     for chunk in chunks:
         writer.write_chunk(chunk)
-    writer.finish(total_samples)
+    writer.finish(total_samples, original_samples)
     return buf.getvalue()
 
 

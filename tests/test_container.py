@@ -209,7 +209,7 @@ def test_round_trip(case: tuple[EcdcHeader, list[CodeChunk], int]) -> None:
         5 + 8 + (4 if header.has_scale else 0)
         + math.ceil(c.codes.size * header.bits_per_code / 8) + 4
         for c in chunks
-    ) + 5 + 12 + 4
+    ) + 5 + 20 + 4
 
 
 def test_dual_two_streams_layout() -> None:
@@ -617,7 +617,7 @@ def test_writer_rejects_bad_chunks() -> None:
     dict(num_samples=2**64 - 1),
     dict(original_channels=0),
     dict(version=2),
-    dict(channels=1, stereo_mode=StereoMode.DUAL, original_channels=3),
+    dict(channels=1, stereo_mode=StereoMode.DUAL, original_channels=1),
     dict(channels=1, stereo_mode=StereoMode.DOWNMIX, original_channels=1),
 ])
 def test_invalid_headers_are_refused(overrides: dict) -> None:
@@ -820,6 +820,13 @@ def test_format_doc_example_is_what_the_writer_produces() -> None:
         StereoMode.MONO, 1.5, 2, 10, 320, 0, 0, False, None, 44100, 1,
     )
     codes = np.array([[[1, 1023, 7], [2, 512, 0]]])
-    assert write_ecdc(header, [CodeChunk(codes)], 800) == data
-    assert len(data) == 127
+    buf = io.BytesIO()
+    writer = EcdcWriter(buf, header)
+    writer.write_chunk(CodeChunk(codes))
+    writer.finish(800, original_samples=1470)
+    assert buf.getvalue() == data
+    assert len(data) == 135
+    reader = EcdcReader(io.BytesIO(data))
+    list(reader)
+    assert (reader.total_samples, reader.original_samples) == (800, 1470)
     assert zlib.crc32(b"123456789") == 0xCBF43926

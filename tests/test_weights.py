@@ -1,0 +1,182 @@
+"""Named models: download from a loopback HTTP server, hash checks, caching, safe loading."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ecdc
+from ecdc import weights
+from ecdc.cli import main
+from ecdc.errors import WeightsError
+from ecdc.weights import ModelSpec, register_model, unregister_model
+
+from conftest import TINY_MONO, random_model, test_signal
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve a fresh directory on 127.0.0.1; yields (directory, base_url, request_log)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    requests = []
+
+    class Handler(_QuietHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    directory = tmp_path / "cache"
+    monkeypatch.setenv(weights.CACHE_DIR_ENV, str(directory))
+    return directory
+
+
+def _bare_state_dict_file(directory: Path, seed: int = 0) -> bytes:
+    path = directory / "tmp.th"
+    torch.save(random_model(TINY_MONO, seed).state_dict(), str(path))
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+@pytest.fixture
+def registered_tiny(tmp_path):
+    """Register a tiny model whose file name carries its real sha256 prefix."""
+    data = _bare_state_dict_file(tmp_path)
+    filename = f"tiny_mono-{hashlib.sha256(data).hexdigest()[:8]}.th"
+    register_model(ModelSpec(TINY_MONO, filename))
+    yield filename, data
+    unregister_model(TINY_MONO.name)
+
+
+def test_good_download_is_verified_and_cached(http_server, cache, registered_tiny, monkeypatch):
+    root, url, requests = http_server
+    filename, data = registered_tiny
+    (root / filename).write_bytes(data)
+    monkeypatch.setenv(weights.BASE_URL_ENV, url)
+
+    codec = ecdc.load_model("tiny_mono")
+    assert (cache / filename).read_bytes() == data
+    assert requests == ["/" + filename]
+    assert [p.name for p in cache.iterdir()] == [filename]  # no temp files left
+
+    # Cached: a second load makes no request, and the model works.
+    ecdc.load_model("tiny_mono")
+    assert requests == ["/" + filename]
+    encoded = codec.encode(test_signal(0.5, 24000), 24000, bandwidth=6)
+    assert encoded.header.model_name == "tiny_mono"
+
+
+def test_bad_hash_is_refused_and_not_cached(http_server, cache, registered_tiny, monkeypatch, tmp_path):
+    root, url, _ = http_server
+    filename, _ = registered_tiny
+    (root / filename).write_bytes(_bare_state_dict_file(tmp_path, seed=3))  # other content, same name
+    monkeypatch.setenv(weights.BASE_URL_ENV, url)
+    with pytest.raises(WeightsError, match="sha256"):
+        ecdc.load_model("tiny_mono")
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_damaged_cache_entry_is_fetched_again(http_server, cache, registered_tiny, monkeypatch):
+    root, url, requests = http_server
+    filename, data = registered_tiny
+    (root / filename).write_bytes(data)
+    cache.mkdir()
+    (cache / filename).write_bytes(data[:100])
+    monkeypatch.setenv(weights.BASE_URL_ENV, url)
+    ecdc.load_model("tiny_mono")
+    assert (cache / filename).read_bytes() == data and len(requests) == 1
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_no_network_names_url_and_checkpoint_option(cache, monkeypatch, tmp_path):
+    url = _closed_port_url()
+    monkeypatch.setenv(weights.BASE_URL_ENV, url)
+    wav = tmp_path / "a.wav"
+    import soundfile
+
+    soundfile.write(str(wav), test_signal(0.3, 24000).T, 24000)
+    result = CliRunner().invoke(main, ["compress", str(wav), "--model", "encodec_24khz"])
+    assert result.exit_code == 1
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert url + "encodec_24khz-d7cc33bc.th" in line
+    assert "--checkpoint" in line
+    assert not cache.exists() or list(cache.iterdir()) == []
+    assert not wav.with_suffix(".ecdc").exists()
+
+
+class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (shutil.copyfile, (os.devnull, self.marker))
+
+
+def test_checkpoint_that_runs_code_is_rejected(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.th"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Exploit(str(marker))}, str(path))
+    with pytest.raises(WeightsError, match="weights-only"):
+        ecdc.load_model(str(path))
+    assert not marker.exists()
+
+
+def test_state_dict_that_does_not_fit_is_a_clear_error(tmp_path):
+    path = tmp_path / "wrong.th"
+    state = random_model(TINY_MONO).state_dict()
+    state.pop(next(iter(state)))
+    torch.save({"config": TINY_MONO.to_dict(), "state_dict": state}, str(path))
+    with pytest.raises(WeightsError, match="do not fit"):
+        ecdc.load_model(str(path))
+
+
+def test_bare_state_dict_with_model_name(tmp_path, registered_tiny):
+    _, data = registered_tiny
+    path = tmp_path / "weights.th"
+    path.write_bytes(data)
+    with pytest.raises(WeightsError, match="--model"):
+        ecdc.load_model(checkpoint=str(path))
+    assert ecdc.load_model("tiny_mono", checkpoint=str(path)).name == "tiny_mono"
+
+
+def test_fingerprint_ignores_storage_precision():
+    state = random_model(TINY_MONO).state_dict()
+    halved = {k: (v.half().float() if v.is_floating_point() else v) for k, v in state.items()}
+    as_half = {k: (v.half() if v.is_floating_point() else v) for k, v in halved.items()}
+    assert weights.weights_fingerprint(halved) == weights.weights_fingerprint(as_half)
+    assert weights.weights_fingerprint(state) != weights.weights_fingerprint(random_model(TINY_MONO, 1).state_dict())
