@@ -43,6 +43,10 @@ def _report_errors(func: Callable) -> Callable:
             _print_error(exc.where, str(exc))
         except EcdcError as exc:
             _print_error(where, str(exc))
+        except BrokenPipeError:
+            # The reader went away (e.g. `| head`): stop quietly, as tools killed by SIGPIPE do.
+            _silence_stdout()
+            sys.exit(141)
         except MemoryError:
             _print_error(where, "out of memory")
         except OSError as exc:
@@ -53,6 +57,15 @@ def _report_errors(func: Callable) -> Callable:
         sys.exit(1)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 def _print_error(where: str, message: str) -> None:
@@ -103,7 +116,26 @@ def _write_output(output: str, write: Callable[[io.BufferedIOBase], None]) -> No
 
 
 def _load(model: Optional[str], checkpoint: Optional[str], device: str) -> Codec:
-    return load_model(model, device=device, checkpoint=checkpoint)
+    return load_model(model, device=device, checkpoint=checkpoint, progress=_download_progress())
+
+
+def _download_progress() -> Optional[Callable[[int, Optional[int]], None]]:
+    """A tqdm bar for first-use weight downloads, shown only on a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    bar = None
+
+    def update(done: int, total: Optional[int]) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="downloading weights", leave=False)
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+
+    return update
 
 
 model_option = click.option("--model", "-m", "model", metavar="NAME",
@@ -180,7 +212,7 @@ def decompress(input_path: str, output: Optional[str], sample_rate: Optional[int
     _check_input(input_path)
     _check_output(input_path, output, force)
     encoded = EncodedAudio.from_bytes(_read_input_bytes(input_path))
-    codec = load_model_for(encoded.header, model, checkpoint, device)
+    codec = load_model_for(encoded.header, model, checkpoint, device, progress=_download_progress())
     wav, rate = codec.decode(encoded, sample_rate, channels)
     _write_output(output, lambda out: audio.write_audio(out, wav, rate))
 

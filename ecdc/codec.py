@@ -279,14 +279,14 @@ def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
 
 
 def load_model_for(header: EcdcHeader, model: Optional[str] = None, checkpoint: Optional[str] = None,
-                   device: str = "cpu") -> Codec:
+                   device: str = "cpu", progress=None) -> Codec:
     """The codec that decodes a file: the one the caller names, else the one its header names."""
     if model is None and checkpoint is None:
         if header.model_name not in available_models():
             raise ModelError(f"encoded with model {header.model_name!r}, which ecdc does not know by name; "
                              "pass its weights with --checkpoint PATH")
         model = header.model_name
-    return load_model(model, device=device, checkpoint=checkpoint)
+    return load_model(model, device=device, checkpoint=checkpoint, progress=progress)
 
 
 def compress(wav: np.ndarray, sample_rate: int, model: Union[None, str, Codec] = None,
