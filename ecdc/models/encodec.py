@@ -117,6 +117,15 @@ ENCODEC_48KHZ = EncodecConfig(
 
 
 @dataclass
+class ModelOutput:
+    """Result of the differentiable training pass :meth:`EncodecModel.forward`."""
+
+    audio: torch.Tensor  # [B, C, T] reconstruction, trimmed to the input length
+    codes: torch.Tensor  # [B, n_q, T'] int64
+    commitment_loss: torch.Tensor  # scalar, from the RVQ; gradient reaches the encoder only
+
+
+@dataclass
 class EncodedSegment:
     """Codes of one segment and, for normalising models, the RMS it was divided by."""
 
@@ -247,6 +256,32 @@ class EncodecModel(nn.Module):
             scale = scale_3d.view(-1)
         codes = self.quantizer.encode(self.encoder(wav), num_codebooks)
         return EncodedSegment(codes=codes, scale=scale)
+
+    def forward(self, wav: torch.Tensor, num_codebooks: int) -> ModelOutput:
+        """Differentiable encode -> quantise -> decode of ``wav`` ``[B, C, T]``, for training.
+
+        No segmenting (the trainer feeds short crops). Normalising models scale each item
+        to unit RMS like :meth:`encode_segment` and multiply the output back, so the
+        network sees the same levels in training as at inference. In training mode the
+        quantiser updates its codebooks and passes gradients straight through to the
+        encoder.
+        """
+        self._check_wav(wav)
+        if not 1 <= num_codebooks <= self.max_codebooks:
+            raise ModelError(f"{self.name} has {self.max_codebooks} codebooks, asked for {num_codebooks}")
+        length = wav.shape[-1]
+        scale = None
+        x = wav
+        if self.config.normalize:
+            mono = wav.mean(dim=1, keepdim=True)
+            scale = 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
+            x = wav / scale
+        result = self.quantizer(self.encoder(x), num_codebooks)
+        audio = self.decoder(result.quantized)
+        if scale is not None:
+            audio = audio * scale
+        return ModelOutput(audio=audio[..., :length], codes=result.codes,
+                           commitment_loss=result.commitment_loss)
 
     def decode_segment(self, seg: EncodedSegment) -> torch.Tensor:
         """Codes of one segment -> waveform ``[B, C, F * hop_length]``."""
