@@ -247,6 +247,36 @@ def info(input_path: str) -> None:
 
 
 @main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), metavar="FILE.toml",
+              help="Training config (default: the run directory's config.json on --resume, else the defaults).")
+@click.option("-r", "--run-dir", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Where checkpoints, exported weights and metrics.jsonl go.")
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. -s batch_size=16 -s data.train_folders='[\"corpus\"]'.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir exactly where it stopped.")
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many more steps.")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), help="Stop (and save) after this long.")
+@device_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_report_errors
+def train(config_path: Optional[str], run_dir: str, overrides: tuple, resume: bool, max_steps: Optional[int],
+          max_minutes: Optional[float], device: str, quiet: bool) -> None:
+    """Train a codec (run under torchrun for several GPUs). See docs/TRAINING.md."""
+    from .train.config import load_config
+    from .train.loop import CONFIG_FILE, MODEL_FILE, Trainer
+
+    if config_path is None and resume:
+        config_path = str(Path(run_dir) / CONFIG_FILE)
+    config = load_config(config_path, overrides)
+    trainer = Trainer(config, Path(run_dir), device=device, resume=resume, quiet=quiet)
+    last = trainer.train(max_steps=max_steps, max_minutes=max_minutes)
+    if trainer.dist.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        click.echo(f"step {trainer.step}: {summary}", err=True)
+        click.echo(f"weights: {Path(run_dir) / MODEL_FILE} (use with --checkpoint)", err=True)
+
+
+@main.command()
 def models() -> None:
     """List the models ecdc knows by name."""
     from .weights import DEFAULT_MODEL, available_models

@@ -350,6 +350,13 @@ class AudioCache:
                 isolate = True  # retry the rest one at a time to find the culprit
         return results
 
+    def is_cached(self, file: PathLike) -> bool:
+        """Whether ``file`` has a complete, current cache entry (never decodes)."""
+        try:
+            return self._lookup(file)[3] is not None
+        except OSError:
+            return False
+
     def path(self, file: PathLike) -> Path:
         """The cache entry of ``file`` (decoding it first if needed)."""
         return self._entry(file).npy
