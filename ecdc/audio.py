@@ -3,13 +3,39 @@
 Audio is handled as float32 arrays shaped ``[channels, samples]``. Reading goes through
 soundfile (wav, flac, ogg/opus, ...), resampling through libsoxr, so neither torchaudio
 nor ffmpeg is needed.
+
+Bad input gets one clear outcome each (docs/ROBUSTNESS.md lists them): it is converted,
+or :class:`~ecdc.errors.AudioError` says in one line what is wrong.  In particular:
+
+* a missing file, a directory, an unreadable file or an empty (0-byte) file is refused
+  before libsndfile sees it (whose own messages, e.g. "Format not recognised" for a
+  directory, would mislead);
+* a named pipe (or other non-regular file, e.g. ``/dev/stdin``) is read to its end like
+  stdin, then decoded from memory: libsndfile must seek in most formats;
+* the format is detected from the content, so a wrong extension does not matter;
+* a WAV whose header promises more sample frames than the file holds (an interrupted
+  copy or recording) is converted as far as it goes, as libsndfile and the CLI's
+  streaming reader do, with a :class:`TruncatedAudioWarning` saying how much is
+  missing; a streaming writer's "size unknown" placeholder (0 or 0xFFFFFFFF) is
+  not a truncation;
+* NaN or infinite samples (possible only in float files) are refused: there is no
+  right value to substitute, and the codec would turn them into noise or silence;
+* sample rates outside 1 kHz .. 1 MHz are refused (the container's limit is 1 MHz; below
+  1 kHz is not audio, and upsampling it would multiply its size many times over);
+* :func:`write_audio` saturates integer output at full scale (never wraps around) and
+  writes NaN as 0.
+
+The ``check_*`` helpers are public so that streaming readers can apply the same rules.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Tuple, Union
+import stat
+import struct
+import warnings
+from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 import soundfile
@@ -22,30 +48,109 @@ PathOrFile = Union[str, os.PathLike, BinaryIO]
 #: Largest PCM_16 value as a float, so clipping never wraps around to the other sign.
 _PCM16_MAX = 32767 / 32768
 
+#: Input sample rates accepted, in Hz (the container stores up to 1 MHz).
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 1_000_000
+
+# How much of a WAV file's start is searched for its "data" chunk header.
+_WAV_HEAD = 1 << 16
+
+
+class TruncatedAudioWarning(UserWarning):
+    """An audio file ends before its header says it does; what is present was read."""
+
 
 def read_audio(source: PathOrFile) -> Tuple[np.ndarray, int]:
     """Read any file soundfile can decode; return (``[C, T]`` float32, sample rate)."""
-    try:
-        data, rate = soundfile.read(source, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
-    except IsADirectoryError:
-        raise AudioError("is a directory, not an audio file") from None
-    except FileNotFoundError:
-        raise AudioError("no such file") from None
-    except PermissionError:
-        raise AudioError("permission denied") from None
-    wav = np.ascontiguousarray(data.T)
-    if not np.isfinite(wav).all():
-        raise AudioError("audio contains NaN or infinite samples")
-    return wav, int(rate)
+    if isinstance(source, (str, bytes, os.PathLike)):
+        with _open_input(source) as f:
+            return _decode(f)
+    return _decode(source)
 
 
 def read_audio_bytes(data: bytes) -> Tuple[np.ndarray, int]:
     """Decode an in-memory audio file (stdin is read whole when it is not seekable)."""
     if not data:
         raise AudioError("empty input")
-    return read_audio(io.BytesIO(data))
+    return _decode(io.BytesIO(data))
+
+
+def check_input_path(path: Union[str, bytes, os.PathLike]) -> os.stat_result:
+    """Refuse a path that cannot be an audio file (missing, directory, empty), in one line.
+
+    Returns its ``stat`` so a caller can tell regular files from pipes.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AudioError("no such file") from None
+    except PermissionError:
+        raise AudioError("permission denied") from None
+    except OSError as exc:
+        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioError("is a directory, not an audio file")
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        raise AudioError("empty file (0 bytes), not audio")
+    if stat.S_ISSOCK(st.st_mode):
+        raise AudioError("is a socket, not an audio file")
+    return st
+
+
+def check_sample_rate(rate: int) -> int:
+    """Refuse a sample rate ecdc cannot sensibly convert; return it as an int."""
+    if not MIN_SAMPLE_RATE <= int(rate) <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"sample rate {rate} Hz is outside the {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz "
+            f"that ecdc accepts"
+        )
+    return int(rate)
+
+
+def check_finite(wav: np.ndarray, rate: int, offset: int = 0) -> None:
+    """Refuse audio with NaN or infinite samples, saying where the first one is.
+
+    ``offset`` is the position of ``wav``'s first sample in the whole input (for blocks).
+    """
+    finite = np.isfinite(wav)
+    if finite.all():
+        return
+    channel, index = np.argwhere(~finite)[0]
+    at = (offset + int(index)) / rate if rate > 0 else 0.0
+    raise AudioError(
+        f"audio contains NaN or infinite samples (first at {at:.3f} s, channel {int(channel) + 1}); "
+        f"fix the input, ecdc does not guess what they should be"
+    )
+
+
+def wav_truncation(head: bytes, size: int) -> Optional[str]:
+    """Why a RIFF/WAVE file of ``size`` bytes starting with ``head`` is truncated, or None.
+
+    Only the header's promise is checked: the "data" chunk must hold as many whole
+    sample frames as its size field says.  Unknown sizes (0, 0xFFFFFFFF) and files whose
+    data chunk starts beyond ``head`` are not judged.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    block_align = 0
+    while pos + 8 <= len(head):
+        cid = head[pos:pos + 4]
+        (csize,) = struct.unpack_from("<I", head, pos + 4)
+        body = pos + 8
+        if cid == b"fmt " and body + 14 <= len(head):
+            (block_align,) = struct.unpack_from("<H", head, body + 12)
+        elif cid == b"data":
+            if csize in (0, 0xFFFFFFFF) or block_align <= 0:
+                return None
+            promised = csize // block_align
+            present = max(size - body, 0) // block_align
+            if present < promised:
+                return (f"truncated WAV file: its header promises {promised} sample frames but only "
+                        f"{present} are present")
+            return None
+        pos = body + csize + (csize & 1)
+    return None
 
 
 def write_audio(target: PathOrFile, wav: np.ndarray, sample_rate: int,
@@ -53,7 +158,8 @@ def write_audio(target: PathOrFile, wav: np.ndarray, sample_rate: int,
     """Write ``[C, T]`` audio; integer formats are clipped so loud peaks saturate, not wrap."""
     out = np.asarray(wav, dtype=np.float32)
     if subtype.startswith("PCM"):
-        out = np.clip(out, -1.0, _PCM16_MAX)
+        # libsndfile converts float to int without clipping; NaN would become full scale.
+        out = np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, _PCM16_MAX)
     try:
         soundfile.write(target, out.T, sample_rate, subtype=subtype, format=format)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
@@ -95,6 +201,87 @@ def to_channels(wav: np.ndarray, channels: int) -> np.ndarray:
         groups = [wav[i::channels].mean(axis=0) for i in range(channels)]
         return np.stack(groups).astype(np.float32)
     return np.ascontiguousarray(wav[np.arange(channels) % have])
+
+
+# -- internals ----------------------------------------------------------------------
+
+
+class _open_input:
+    """Open a path for decoding: a regular file as is, a pipe or device read whole."""
+
+    def __init__(self, path: Union[str, bytes, os.PathLike]) -> None:
+        self._path = path
+        self._file: Optional[BinaryIO] = None
+
+    def __enter__(self) -> BinaryIO:
+        st = check_input_path(self._path)
+        try:
+            f = open(self._path, "rb")  # a FIFO blocks here until a writer opens it, like cat
+        except IsADirectoryError:
+            raise AudioError("is a directory, not an audio file") from None
+        except FileNotFoundError:
+            raise AudioError("no such file") from None
+        except PermissionError:
+            raise AudioError("permission denied") from None
+        except OSError as exc:
+            raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+        if stat.S_ISREG(st.st_mode):
+            self._file = f
+            return f
+        with f:
+            try:
+                data = f.read()
+            except OSError as exc:
+                raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+        if not data:
+            raise AudioError("empty input (the pipe or device gave no data)")
+        self._file = io.BytesIO(data)
+        return self._file
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _decode(f: BinaryIO) -> Tuple[np.ndarray, int]:
+    problem = _truncation_of(f)
+    if problem:
+        warnings.warn(f"{problem}; converting what is there", TruncatedAudioWarning, stacklevel=3)
+    try:
+        data, rate = soundfile.read(f, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(f"cannot read audio: {_soundfile_reason(exc)}") from None
+    except OSError as exc:
+        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+    rate = check_sample_rate(rate)
+    wav = np.ascontiguousarray(data.T)
+    check_finite(wav, rate)
+    return wav, rate
+
+
+def _truncation_of(f: BinaryIO) -> Optional[str]:
+    """wav_truncation for a seekable file object, leaving its position unchanged."""
+    try:
+        if not f.seekable():
+            return None
+        start = f.tell()
+        size = f.seek(0, io.SEEK_END)
+        f.seek(start)
+        head = f.read(_WAV_HEAD)
+        f.seek(start)
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not isinstance(head, (bytes, bytearray)):
+        return None
+    return wav_truncation(bytes(head), size - start)
+
+
+def _soundfile_reason(exc: BaseException) -> str:
+    """libsndfile's reason without its "Error opening <file object ...>: " preamble."""
+    reason = getattr(exc, "error_string", None)
+    if isinstance(reason, str) and reason.strip():
+        return _first_line(Exception(reason)).rstrip(".")
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,6 +20,38 @@ Design goals, and why:
   fields), unknown chunk types are skipped, and a newer major version is
   refused with a message that says to upgrade.
 
+Salvage API (``ecdc decompress --salvage``)::
+
+    reader = EcdcReader(f, salvage=True)   # a damaged *header* still raises FormatError
+    for item in reader:
+        if isinstance(item, Gap):          # chunks that could not be recovered
+            ...                            # silence: item.start_sample, item.num_samples
+        else:                              # an intact CodeChunk; item.index is its chunk_index
+            ...
+    reader.damage          # list[str], one line per problem, e.g. "code chunk 5
+                           # (4.95-5.94 s): CRC mismatch (code chunk at byte 1234),
+                           # replaced by silence"; empty for an undamaged file
+    reader.gaps            # list[Gap], the gaps yielded
+    reader.total_samples   # the end marker's sample count if it survived, else None
+                           # (then header.num_samples, if known, is the length)
+
+Salvage never raises for damage after the header.  At a chunk that does not
+parse (bad CRC, garbled length, truncation, garbage) it scans forward for the
+next byte offset where a code chunk or end marker parses with a valid CRC, and
+uses ``chunk_index`` to tell how many chunks were lost.  Gaps are sized as in
+:class:`Gap`: unsegmented chunks all hold the same number of frames but the
+last, segmented ones are one segment each, and the end marker (or the
+header's ``num_samples``) sizes a gap at the end.  Duplicated or out-of-order
+chunks (an index already passed) are dropped; an index implausibly far ahead
+(more than a week of audio) is ignored.  Decoders should still trim or pad
+the result to ``total_samples`` (or ``header.num_samples``) when known, and
+produce a gap's silence in blocks: a hostile file can make a gap as long as
+the week the format allows.  The scan is linear in the file size and holds at
+most one chunk (16 MiB) plus 64 KiB in memory; after a resync it may have read
+past the end marker of a non-seekable stream.  Version 0 files have no
+checksums: salvage recovers a truncated one (a Gap for the rest) and turns a
+segment with an invalid scale into a Gap.
+
 This module deliberately imports only numpy and the standard library.
 """
 
@@ -29,6 +61,7 @@ import enum
 import io
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -53,10 +86,14 @@ __all__ = [
     "CHUNK_CODES",
     "CHUNK_END",
     "MAX_CHUNK_PAYLOAD",
+    "MAX_CHUNK_CODES",
+    "MAX_DURATION_SECONDS",
     "UNKNOWN_SAMPLES",
+    "max_samples",
     "StereoMode",
     "EcdcHeader",
     "CodeChunk",
+    "Gap",
     "EcdcWriter",
     "EcdcReader",
     "encode_header",
@@ -92,6 +129,15 @@ MAX_CODEBOOKS = 64
 MAX_HOP_LENGTH = 1 << 16
 MAX_SEGMENT_LENGTH = 1 << 24
 MAX_NAME_BYTES = 255
+#: Longest audio a header or end marker may claim, in seconds (one week).  Nobody codes
+#: a week into one stream, so more is damage or an attack; the bound also keeps a
+#: salvaging decoder from being told to produce years of silence.
+MAX_DURATION_SECONDS = 7 * 24 * 3600
+#: Floor of the sample-count bound, for sample rates so low that a week is fewer samples.
+_MIN_SAMPLE_BOUND = 1 << 32
+#: Most codes (frames x streams x codebooks) one code chunk may hold.  With 1-bit codes
+#: a 16 MiB payload would otherwise unpack to 2**27 int64 values (1 GiB).
+MAX_CHUNK_CODES = 1 << 24
 
 _FLAG_SCALE = 0x01
 _KNOWN_FLAGS = _FLAG_SCALE
@@ -118,6 +164,11 @@ _V0_SCALE = struct.Struct(">f")
 _READ_PIECE = 1 << 20
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+def max_samples(sample_rate: int) -> int:
+    """Largest sample count a file at ``sample_rate`` may claim (one week, at least 2**32)."""
+    return max(MAX_DURATION_SECONDS * int(sample_rate), _MIN_SAMPLE_BOUND)
 
 
 class StereoMode(enum.IntEnum):
@@ -252,6 +303,11 @@ class EcdcHeader:
             not is_int(self.num_samples) or not 0 <= self.num_samples < UNKNOWN_SAMPLES
         ):
             raise bad(f"num_samples must be None or an integer in 0..2**64-2, got {self.num_samples!r}")
+        if self.num_samples is not None and self.num_samples > max_samples(self.sample_rate):
+            raise bad(
+                f"num_samples {self.num_samples} is more than {MAX_DURATION_SECONDS // 86400} days "
+                f"at {self.sample_rate} Hz"
+            )
         if self.version not in READABLE_VERSIONS:
             raise bad(f"version must be one of {READABLE_VERSIONS}, got {self.version!r}")
 
@@ -340,6 +396,9 @@ class CodeChunk:
 
     codes: np.ndarray
     scale: float | None = None
+    #: The chunk's ``chunk_index`` when it was read from a file (None when built in memory).
+    #: Not part of equality: it is where the chunk came from, not what it holds.
+    index: int | None = None
 
     @property
     def num_frames(self) -> int:
@@ -356,6 +415,52 @@ class CodeChunk:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Code chunks a salvaging reader could not recover; a decoder puts silence there.
+
+    Yielded by ``EcdcReader(..., salvage=True)`` in stream order, between the
+    intact :class:`CodeChunk` objects.  Positions are at the model's sample rate.
+
+    * ``first_chunk``, ``n_chunks``: the ``chunk_index`` values lost.
+    * ``start_frame``: code frames in all chunks before the gap (intact or lost).
+    * ``n_frames``: code frames lost (an estimate unless ``exact``).  For
+      unsegmented models every chunk but the last holds the same number of
+      frames, so lost chunks x that number; a trailing gap is sized from the
+      total length when the end marker or the header gives it.
+    * ``start_sample``, ``num_samples``: where the silence goes and how long it
+      is.  Unsegmented: ``start_frame * hop`` and ``n_frames * hop``.
+      Segmented: from the first lost segment's start (``first_chunk *
+      segment_stride``) to the next intact segment's start.
+    * ``description``: one human-readable line, also in ``reader.damage``.
+    """
+
+    first_chunk: int
+    n_chunks: int
+    n_frames: int
+    start_frame: int
+    start_sample: int
+    num_samples: int
+    sample_rate: int
+    exact: bool
+    description: str
+
+    @property
+    def start_seconds(self) -> float:
+        """Where the gap starts, in seconds."""
+        return self.start_sample / self.sample_rate
+
+    @property
+    def duration_seconds(self) -> float:
+        """How long the gap is, in seconds."""
+        return self.num_samples / self.sample_rate
+
+    @property
+    def end_sample(self) -> int:
+        """First sample after the gap."""
+        return self.start_sample + self.num_samples
 
 
 def encode_chunk(chunk_type: int, payload: bytes) -> bytes:
@@ -443,6 +548,11 @@ class EcdcWriter:
                 f"a chunk of {n_frames} frames needs {size} bytes, over the "
                 f"{MAX_CHUNK_PAYLOAD}-byte limit; write fewer frames per chunk"
             )
+        if codes.size > MAX_CHUNK_CODES:
+            raise ValueError(
+                f"a chunk of {n_frames} frames holds {codes.size} codes, over the "
+                f"{MAX_CHUNK_CODES}-code limit; write fewer frames per chunk"
+            )
         # File order is frame, stream, codebook.
         packed = pack_codes(np.ascontiguousarray(codes.transpose(2, 0, 1)), h.bits_per_code)
         payload = _CODE_HEAD.pack(self.chunks_written, n_frames) + scale_bytes + packed
@@ -467,6 +577,8 @@ class EcdcWriter:
             raise ValueError(f"total_samples must be >= 0, got {total}")
         if h.num_samples is not None and total != h.num_samples:
             raise ValueError(f"total_samples {total} contradicts the header's num_samples {h.num_samples}")
+        if total > max_samples(h.sample_rate):
+            raise ValueError(f"total_samples {total} is more than the format allows at {h.sample_rate} Hz")
         if total > self.frames_written * h.hop_length:
             raise ValueError(
                 f"total_samples {total} exceeds the {self.frames_written} frames written "
@@ -518,6 +630,23 @@ _V0_PIECE_FRAMES = 80
 # --------------------------------------------------------------------------- reader
 
 
+# Salvage: the resynchronising scan only stops at these chunk types (an unknown
+# type carries optional data, so stepping over one loses nothing).
+_RESYNC_TYPES = re.compile(b"[CE]")
+# Bytes read at a time while scanning for the next intact chunk.
+_SCAN_PIECE = 1 << 16
+# The scan checks a candidate's CRC only while it has credit: a start allowance
+# plus this much per byte it has moved past.  Without it a hostile file with a
+# plausible chunk header every few bytes, each claiming 16 MiB, would make the
+# scan quadratic; with it the work is linear in the file size.
+_SCAN_CREDIT_PER_BYTE = 16
+_SCAN_CREDIT_START = 2 * (MAX_CHUNK_PAYLOAD + 9)
+# Per-segment frame counts are summed exactly for up to this many short segments.
+_MAX_EXACT_TAIL = 4096
+# Stream events the salvager may look ahead to size a gap at the start of a file.
+_MAX_PEEK = 64
+
+
 class EcdcReader:
     """Reads a version 0 or 1 stream incrementally from a binary file object.
 
@@ -527,18 +656,30 @@ class EcdcReader:
     :attr:`total_samples` holds the authoritative sample count.  Problems are
     reported as FormatError subclasses: TruncatedError, ChecksumError,
     UnsupportedVersionError, UnsupportedFeatureError.
+
+    With ``salvage=True`` a damaged stream is recovered instead of refused:
+    iteration yields intact :class:`CodeChunk` objects and :class:`Gap` markers
+    in order, :attr:`damage` describes what was lost (see the module docstring).
+    A damaged header is still a FormatError.
     """
 
     header: EcdcHeader
     total_samples: int | None
     original_samples: int | None
 
-    def __init__(self, fileobj: BinaryIO) -> None:
+    def __init__(self, fileobj: BinaryIO, salvage: bool = False) -> None:
         self._f = fileobj
         self._pos = 0
+        self.salvage = bool(salvage)
         self.total_samples = None
         self.original_samples = None
         self.chunks_read = 0
+        #: Code chunk count from the end marker (None until it is read, or if it was lost).
+        self.chunks_expected: int | None = None
+        #: Salvage mode: one line per problem found, in stream order.
+        self.damage: list[str] = []
+        #: Salvage mode: every Gap yielded so far.
+        self.gaps: list[Gap] = []
         start = self._read_upto(5)
         if not start:
             raise TruncatedError("input is empty, not an .ecdc stream")
@@ -549,10 +690,10 @@ class EcdcReader:
         major = start[4]
         if major == 0:
             self.header = self._read_v0_header()
-            self._iter = self._iter_v0()
+            self._iter: Iterator = self._iter_v0()
         elif major == 1:
             self.header = self._read_v1_header(start)
-            self._iter = self._iter_v1()
+            self._iter = self._iter_v1_salvage() if self.salvage else self._iter_v1()
         else:
             raise UnsupportedVersionError(
                 f"this file uses .ecdc format version {major}; this ecdc reads versions "
@@ -605,11 +746,57 @@ class EcdcReader:
             return f"end marker (byte {offset})"
         return f"chunk of type 0x{ctype:02x} (byte {offset}, after {self.chunks_read} code chunks)"
 
+    def _code_head(self, payload: bytes, what: str) -> tuple[int, int]:
+        """(chunk_index, n_frames) of a code chunk payload, or FormatError if too short."""
+        scale_size = _SCALE.size if self.header.has_scale else 0
+        if len(payload) < _CODE_HEAD.size + scale_size:
+            raise FormatError(f"corrupt .ecdc stream: {what} is too short ({len(payload)} bytes)")
+        index, n_frames = _CODE_HEAD.unpack_from(payload)
+        return index, n_frames
+
+    def _code_chunk(self, payload: bytes, index: int, n_frames: int, what: str) -> CodeChunk:
+        """Decode a CRC-checked code chunk payload; every size is checked before unpacking."""
+        h = self.header
+        scale_size = _SCALE.size if h.has_scale else 0
+        length = len(payload)
+        if n_frames < 1:
+            raise FormatError(f"corrupt .ecdc stream: {what} holds no frames")
+        expected = _CODE_HEAD.size + scale_size + _expected_code_bytes(h, n_frames)
+        if length != expected:
+            raise FormatError(
+                f"corrupt .ecdc stream: {what} is {length} bytes, but {n_frames} frames "
+                f"need {expected}"
+            )
+        n_codes = n_frames * h.streams * h.num_codebooks
+        if n_codes > MAX_CHUNK_CODES:
+            raise FormatError(
+                f"corrupt .ecdc stream: {what} holds {n_codes} codes, more than the "
+                f"{MAX_CHUNK_CODES}-code limit"
+            )
+        scale = None
+        if h.has_scale:
+            (scale,) = _SCALE.unpack_from(payload, _CODE_HEAD.size)
+            if not (math.isfinite(scale) and scale >= 0.0):
+                raise FormatError(f"corrupt .ecdc stream: {what} has invalid scale {scale!r}")
+        codes = unpack_codes(memoryview(payload)[_CODE_HEAD.size + scale_size:], h.bits_per_code, n_codes)
+        codes = codes.reshape(n_frames, h.streams, h.num_codebooks).transpose(1, 2, 0)
+        return CodeChunk(np.ascontiguousarray(codes), scale, index)
+
+    def _plausible_original(self, total: int, original: int | None) -> int | None:
+        """``original_samples``, or None if it is far beyond what ``total`` allows.
+
+        The value is informational (never a reason to refuse a file), but a
+        decoder pads its output to it, so an absurd value must not get through.
+        """
+        if original is None:
+            return None
+        h = self.header
+        limit = 2 * (total + 1) * h.original_sample_rate + h.original_sample_rate * h.sample_rate
+        return original if original * h.sample_rate <= limit else None
+
     def _iter_v1(self) -> Iterator[CodeChunk]:
         h = self.header
         frames = 0
-        scale_size = _SCALE.size if h.has_scale else 0
-        n_codes_per_frame = h.streams * h.num_codebooks
         while True:
             offset = self._pos
             head = self._read_upto(_CHUNK_HEAD.size)
@@ -632,36 +819,16 @@ class EcdcReader:
                 raise ChecksumError(f".ecdc stream is corrupted: CRC32 mismatch in {what}")
 
             if ctype == CHUNK_CODES:
-                if length < _CODE_HEAD.size + scale_size:
-                    raise FormatError(f"corrupt .ecdc stream: {what} is too short ({length} bytes)")
-                index, n_frames = _CODE_HEAD.unpack_from(payload)
+                index, n_frames = self._code_head(payload, what)
                 if index != self.chunks_read:
                     raise FormatError(
                         f"corrupt .ecdc stream: {what} is numbered {index}; "
                         f"code chunks are missing, duplicated or out of order"
                     )
-                if n_frames < 1:
-                    raise FormatError(f"corrupt .ecdc stream: {what} holds no frames")
-                expected = _CODE_HEAD.size + scale_size + _expected_code_bytes(h, n_frames)
-                if length != expected:
-                    raise FormatError(
-                        f"corrupt .ecdc stream: {what} is {length} bytes, but {n_frames} frames "
-                        f"need {expected}"
-                    )
-                scale = None
-                if h.has_scale:
-                    (scale,) = _SCALE.unpack_from(payload, _CODE_HEAD.size)
-                    if not (math.isfinite(scale) and scale >= 0.0):
-                        raise FormatError(f"corrupt .ecdc stream: {what} has invalid scale {scale!r}")
-                codes = unpack_codes(
-                    memoryview(payload)[_CODE_HEAD.size + scale_size:],
-                    h.bits_per_code,
-                    n_frames * n_codes_per_frame,
-                )
-                codes = codes.reshape(n_frames, h.streams, h.num_codebooks).transpose(1, 2, 0)
+                chunk = self._code_chunk(payload, index, n_frames, what)
                 self.chunks_read += 1
                 frames += n_frames
-                yield CodeChunk(np.ascontiguousarray(codes), scale)
+                yield chunk
             elif ctype == CHUNK_END:
                 if length < _END.size:
                     raise FormatError(f"corrupt .ecdc stream: {what} is too short ({length} bytes)")
@@ -676,17 +843,406 @@ class EcdcReader:
                         f"corrupt .ecdc stream: the end marker says {total} samples but the "
                         f"header says {h.num_samples}"
                     )
+                if total > max_samples(h.sample_rate):
+                    raise FormatError(
+                        f"corrupt .ecdc stream: the end marker says {total} samples, more than "
+                        f"{MAX_DURATION_SECONDS // 86400} days at {h.sample_rate} Hz"
+                    )
                 if total > frames * h.hop_length:
                     raise FormatError(
                         f"corrupt .ecdc stream: the end marker says {total} samples but the "
                         f"{frames} frames present cover at most {frames * h.hop_length}"
                     )
+                original = None
                 if length >= _END.size + _END_ORIGINAL.size:
                     (original,) = _END_ORIGINAL.unpack_from(payload, _END.size)
-                    self.original_samples = None if original == UNKNOWN_SAMPLES else original
+                    original = None if original == UNKNOWN_SAMPLES else original
+                self.original_samples = self._plausible_original(total, original)
+                self.chunks_expected = count
                 self.total_samples = total
                 return
             # Any other type: skipped (after its CRC was checked), as the spec requires.
+
+    # -- salvage (version 1): stage 1, a resynchronising chunk scanner
+
+    def _s_init(self) -> None:
+        self._sbuf = bytearray()  # bytes of the stream from absolute offset _sbase on
+        self._sbase = self._pos
+        self._seof = False
+        self._scredit = _SCAN_CREDIT_START
+
+    def _s_end(self) -> int:
+        return self._sbase + len(self._sbuf)
+
+    def _s_fill(self, end: int, exact: bool) -> bool:
+        """Make the stream up to absolute offset ``end`` available; False if it ends first.
+
+        ``exact`` reads no further than asked, so an undamaged stream is never
+        read past its end marker; the scan reads ahead in pieces.
+        """
+        have = self._s_end()
+        while have < end and not self._seof:
+            want = end - have if exact else max(end - have, _SCAN_PIECE)
+            data = self._read_upto(want)
+            if len(data) < want:
+                self._seof = True
+            self._sbuf += data
+            have += len(data)
+        return have >= end
+
+    def _s_drop(self, pos: int) -> None:
+        """Forget the bytes before ``pos``; moving past them earns scan credit."""
+        n = min(pos - self._sbase, len(self._sbuf))
+        if n > 0:
+            del self._sbuf[:n]
+            self._sbase += n
+            self._scredit += _SCAN_CREDIT_PER_BYTE * n
+
+    def _s_try(self, q: int, scanning: bool) -> tuple[tuple | None, str]:
+        """Parse the chunk at absolute offset ``q``: (event, "") or (None, what is wrong).
+
+        Cheap checks (length limits, a code chunk's length against its frame
+        count) come before the payload is read and its CRC checked.
+        """
+        h = self.header
+        exact = not scanning
+        scale_size = _SCALE.size if h.has_scale else 0
+        off = q - self._sbase
+        if not self._s_fill(q + _CHUNK_HEAD.size, exact):
+            return None, "truncated chunk header"
+        ctype, length = _CHUNK_HEAD.unpack_from(self._sbuf, off)
+        if length > MAX_CHUNK_PAYLOAD:
+            return None, f"invalid length field ({length} bytes)"
+        n_frames = 0
+        if ctype == CHUNK_CODES:
+            if length < _CODE_HEAD.size + scale_size:
+                return None, f"invalid length field ({length} bytes)"
+            if not self._s_fill(q + _CHUNK_HEAD.size + _CODE_HEAD.size, exact):
+                return None, "truncated"
+            _, n_frames = _CODE_HEAD.unpack_from(self._sbuf, off + _CHUNK_HEAD.size)
+            if (n_frames < 1 or n_frames * h.streams * h.num_codebooks > MAX_CHUNK_CODES
+                    or length != _CODE_HEAD.size + scale_size + _expected_code_bytes(h, n_frames)):
+                return None, f"length field ({length} bytes) does not fit its {n_frames} frames"
+        elif ctype == CHUNK_END:
+            if length < _END.size:
+                return None, f"invalid length field ({length} bytes)"
+        elif scanning:
+            return None, "not a resynchronisation point"
+        size = _CHUNK_HEAD.size + length + _CRC.size
+        if scanning:
+            if size > self._scredit:
+                return None, "scan budget exhausted"
+            self._scredit -= size
+        if not self._s_fill(q + size, exact):
+            return None, f"truncated ({length}-byte payload, {max(self._s_end() - q - 5, 0)} bytes present)"
+        raw = bytes(self._sbuf[off:off + size])
+        (crc,) = _CRC.unpack_from(raw, size - _CRC.size)
+        if zlib.crc32(memoryview(raw)[:size - _CRC.size]) != crc:
+            return None, "CRC mismatch"
+        payload = raw[_CHUNK_HEAD.size:_CHUNK_HEAD.size + length]
+        if ctype == CHUNK_CODES:
+            index, _ = _CODE_HEAD.unpack_from(payload)
+            try:
+                chunk = self._code_chunk(payload, index, n_frames, f"the chunk at byte {q}")
+            except FormatError as exc:
+                return None, str(exc).replace("corrupt .ecdc stream: ", "")
+            return ("chunk", q, q + size, chunk), ""
+        if ctype == CHUNK_END:
+            total, count = _END.unpack_from(payload)
+            original = None
+            if length >= _END.size + _END_ORIGINAL.size:
+                (original,) = _END_ORIGINAL.unpack_from(payload, _END.size)
+                original = None if original == UNKNOWN_SAMPLES else original
+            return ("end", q, q + size, total, count, original), ""
+        return ("other", q, q + size), ""
+
+    def _s_scan(self, start: int) -> tuple[tuple | None, int]:
+        """Find the first intact code chunk or end marker at or after ``start``.
+
+        Returns (its event, its offset), or (None, end of stream).
+        """
+        pos = start
+        while True:
+            self._s_drop(pos)
+            m = _RESYNC_TYPES.search(self._sbuf, pos - self._sbase)
+            if m is None:
+                pos = self._s_end()
+                self._s_drop(pos)
+                if not self._s_fill(pos + 1, exact=False):
+                    return None, pos
+                continue
+            q = self._sbase + m.start()
+            event, _ = self._s_try(q, scanning=True)
+            if event is not None:
+                return event, q
+            pos = q + 1
+
+    def _s_unread(self) -> None:
+        """Give back bytes read ahead past the end marker, where the file can seek."""
+        extra = len(self._sbuf)
+        self._sbuf = bytearray()
+        if not extra:
+            return
+        try:
+            if self._f.seekable():
+                self._f.seek(-extra, io.SEEK_CUR)
+                self._pos -= extra
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def _v1_events(self) -> Iterator[tuple]:
+        """Stage 1 of salvage: the stream as events, resynchronising after damage.
+
+        Events: ("chunk", start, end, CodeChunk), ("end", start, end, total,
+        count, original), ("other", start, end), ("skip", start, end, reason)
+        for unreadable bytes, and finally ("eof", offset) unless "end" came.
+        """
+        self._s_init()
+        pos = self._sbase
+        names = {CHUNK_CODES: "code chunk", CHUNK_END: "end marker"}
+        while True:
+            if not self._s_fill(pos + 1, exact=True):
+                yield ("eof", pos)
+                return
+            event, problem = self._s_try(pos, scanning=False)
+            if event is None:
+                ctype = self._sbuf[pos - self._sbase]
+                name = names.get(ctype, f"chunk of unknown type 0x{ctype:02x}")
+                event, resume = self._s_scan(pos + 1)
+                yield ("skip", pos, resume, f"{problem} ({name} at byte {pos})")
+                if event is None:
+                    yield ("eof", resume)
+                    return
+            pos = event[2]
+            self._s_drop(pos)
+            if event[0] == "end":
+                self._s_unread()  # before yielding: the consumer stops at the end marker
+                yield event
+                return
+            yield event
+
+    # -- salvage: stage 2, gap accounting
+
+    def _segment_frames(self, first: int, n: int, total: int | None) -> tuple[int, bool]:
+        """Frames in segments ``first .. first+n-1``: (count, exact)."""
+        h = self.header
+        hop, seg, stride = h.hop_length, h.segment_length, h.segment_stride
+        full = -(-seg // hop)
+        if total is None:
+            return n * full, False
+        last_full = (total - seg) // stride if total >= seg else -1
+        count = max(0, min(first + n - 1, last_full) - first + 1) * full
+        tail = range(max(first, last_full + 1), first + n)
+        if len(tail) > _MAX_EXACT_TAIL:
+            return n * full, False
+        for k in tail:
+            rest = total - k * stride
+            if rest > 0:
+                count += -(-min(rest, seg) // hop)
+        return count, True
+
+    def _make_gap(self, first: int, n: int, n_frames: int, start_frame: int, start_sample: int,
+                  num_samples: int, exact: bool, why: str) -> Gap:
+        h = self.header
+        label = f"code chunk {first}" if n == 1 else f"code chunks {first}-{first + n - 1}"
+        if h.version == 0:
+            label = label.replace("code chunk", "piece")
+        t0 = start_sample / h.sample_rate
+        t1 = (start_sample + num_samples) / h.sample_rate
+        text = f"{label} ({t0:.2f}-{t1:.2f} s): {why}, replaced by silence"
+        return Gap(first, n, n_frames, start_frame, start_sample, num_samples, h.sample_rate,
+                   exact, text)
+
+    def _emit(self, gap: Gap) -> Iterator[Gap]:
+        self.gaps.append(gap)
+        self.damage.append(gap.description)
+        yield gap
+
+    @staticmethod
+    def _why(pending: list[tuple[int, int, str]], sizes: bool = False) -> str:
+        """What went wrong in the skipped stretches ``pending``, in a few words."""
+        if not pending:
+            return "missing from the file"
+        reasons = [f"{reason}, {end - start} bytes skipped" if sizes else reason
+                   for start, end, reason in pending[:3]]
+        more = f"; and {len(pending) - 3} more damaged spots" if len(pending) > 3 else ""
+        return "; ".join(reasons) + more
+
+    def _iter_v1_salvage(self) -> Iterator[CodeChunk | Gap]:
+        h = self.header
+        hop, rate = h.hop_length, h.sample_rate
+        known = h.num_samples
+        fallback_unit = max(1, -(-rate // hop))  # the writer's ~1 s of frames per chunk
+        events = self._v1_events()
+        ahead: list[tuple] = []
+
+        def pull() -> tuple:
+            return ahead.pop(0) if ahead else next(events)
+
+        def peek_next_chunk_or_end() -> tuple | None:
+            """The next "chunk", "end" or "eof" event, left in the queue."""
+            for i in range(_MAX_PEEK):
+                if i == len(ahead):
+                    ahead.append(next(events))
+                if ahead[i][0] in ("chunk", "end", "eof"):
+                    return ahead[i]
+            return None
+
+        expected = 0  # chunk_index of the next code chunk
+        frames = 0  # frames accounted for so far, intact plus estimated gaps
+        unit: int | None = None  # frames in every code chunk but the last (unsegmented)
+        prev: int | None = None  # frames in the last intact chunk
+        pending: list[tuple[int, int, str]] = []
+
+        # An index jump is believed only if the audio up to that chunk fits in a week.  (Not
+        # the header's length: the format lets a writer put more frames than that needs.)
+        max_index = max_samples(rate) // h.segment_stride + 1 if h.segmented else 0
+        max_frames = max_samples(rate) // hop + 1
+
+        def gap_before(i: int, n: int) -> Gap | None:
+            """The Gap for chunks expected..i-1, or None if index i is implausible."""
+            nonlocal unit
+            lost = i - expected
+            why = self._why(pending)
+            if h.segmented:
+                if i > max_index:
+                    return None
+                count, exact = self._segment_frames(expected, lost, known)
+                return self._make_gap(expected, lost, count, frames, expected * h.segment_stride,
+                                      lost * h.segment_stride, exact, why)
+            exact = False
+            if unit is None and prev is not None:
+                unit = prev  # the chunk before the gap was not the last one
+            if unit is not None:
+                count = lost * unit
+            else:
+                # A gap at the very start: is chunk i the last one?
+                nxt = peek_next_chunk_or_end()
+                if nxt is not None and nxt[0] == "chunk" and nxt[3].index > i:
+                    unit = n
+                    count = lost * n
+                elif (nxt is not None and nxt[0] == "end" and nxt[4] == i + 1
+                      and nxt[3] <= max_samples(rate)):
+                    count, exact = max(-(-nxt[3] // hop) - n, 0), True
+                elif known is not None:
+                    count = max(-(-known // hop) - n, lost * max(n, fallback_unit))
+                else:
+                    count = lost * max(n, fallback_unit)
+            if frames + count + n > max_frames:
+                return None
+            return self._make_gap(expected, lost, count, frames, frames * hop, count * hop, exact, why)
+
+        def trailing_gap(total: int | None, n_chunks: int | None) -> Gap | None:
+            """The Gap for everything after the last intact chunk, if ``total`` tells its size."""
+            why = self._why(pending)
+            if total is None:
+                return None
+            if h.segmented:
+                all_chunks = -(-total // h.segment_stride)
+                lost = (n_chunks if n_chunks is not None else all_chunks) - expected
+                if lost <= 0:
+                    return None
+                start = expected * h.segment_stride
+                count, exact = self._segment_frames(expected, lost, total)
+                return self._make_gap(expected, lost, count, frames, start, max(total - start, 0),
+                                      exact, why)
+            count = -(-total // hop) - frames
+            if n_chunks is None:
+                if count <= 0:
+                    return None
+                n_chunks = expected + -(-count // (unit or max(prev or 0, fallback_unit)))
+            lost = n_chunks - expected
+            if lost <= 0:
+                return None
+            count = max(count, 0)
+            return self._make_gap(expected, lost, count, frames, frames * hop, count * hop, True, why)
+
+        def skipped_note() -> None:
+            if pending:
+                self.damage.append(f"{self._why(pending, sizes=True)}; no audio lost")
+
+        while True:
+            ev = pull()
+            kind = ev[0]
+            if kind == "skip":
+                pending.append((ev[1], ev[2], ev[3]))
+            elif kind == "chunk":
+                chunk = ev[3]
+                i, n = chunk.index, chunk.num_frames
+                if i < expected:
+                    self.damage.append(
+                        f"code chunk {i} at byte {ev[1]} repeats an earlier chunk index "
+                        f"(duplicated or out of order); ignored"
+                    )
+                    continue
+                if i > expected:
+                    gap = gap_before(i, n)
+                    if gap is None:
+                        self.damage.append(
+                            f"a code chunk at byte {ev[1]} claims index {i}, implausibly far after "
+                            f"chunk {expected - 1}; ignored"
+                        )
+                        continue
+                    frames += gap.n_frames
+                    yield from self._emit(gap)
+                else:
+                    skipped_note()
+                pending = []
+                if unit is None and prev is not None:
+                    unit = prev
+                prev = n
+                frames += n
+                expected = i + 1
+                self.chunks_read += 1
+                yield chunk
+            elif kind == "end":
+                _, start, _, total, count, original = ev
+                if total > max_samples(rate):
+                    self.damage.append(
+                        f"the end marker at byte {start} claims {total} samples, more than the "
+                        f"format allows; ignored"
+                    )
+                    ev = ("eof", ev[2])
+                    kind = "eof"
+                else:
+                    if known is not None and total != known:
+                        self.damage.append(
+                            f"the end marker says {total} samples but the header says {known}"
+                        )
+                    if count < expected:
+                        self.damage.append(
+                            f"the end marker counts {count} code chunks but chunk {expected - 1} was read"
+                        )
+                    gap = trailing_gap(total, count)
+                    if gap is not None:
+                        frames += gap.n_frames
+                        yield from self._emit(gap)
+                    else:
+                        skipped_note()
+                    if not h.segmented and frames * hop < total:
+                        self.damage.append(
+                            f"the recovered audio covers {frames * hop} samples but the end marker "
+                            f"says {total}; the end is padded with silence"
+                        )
+                    self.chunks_expected = count
+                    self.total_samples = total
+                    self.original_samples = self._plausible_original(total, original)
+                    return
+            if kind == "eof":
+                pos = ev[1]
+                why = f": {self._why(pending, sizes=True)}" if pending else ""
+                self.damage.append(
+                    f"the file ends at byte {pos} without an intact end marker (truncated){why}"
+                )
+                gap = trailing_gap(known, None)
+                if gap is not None:
+                    yield from self._emit(gap)
+                elif known is None:
+                    self.damage.append(
+                        "the header does not give the length (streamed file), so how much audio "
+                        "was lost at the end is unknown"
+                    )
+                return
 
     # -- version 0 (Meta)
 
@@ -727,14 +1283,14 @@ class EcdcReader:
                 "this .ecdc file was written with Meta's language-model entropy coding (--lm), "
                 "which ecdc does not support; re-encode without --lm"
             )
-        if not 0 <= length < 2**63:  # type: ignore[operator]
+        if not 0 <= length <= max_samples(model.sample_rate):  # type: ignore[operator]
             raise FormatError(f"corrupt version 0 .ecdc header: audio length {length} out of range")
         if not 1 <= n_q <= model.max_codebooks:  # type: ignore[operator]
             raise FormatError(
                 f"corrupt version 0 .ecdc header: {n_q} codebooks, {name} has 1..{model.max_codebooks}"
             )
         frame_rate = model.sample_rate / model.hop_length
-        return EcdcHeader(
+        header = EcdcHeader(
             model_name=name,  # type: ignore[arg-type]
             weights_fingerprint=bytes(16),
             sample_rate=model.sample_rate,
@@ -752,6 +1308,8 @@ class EcdcReader:
             original_channels=model.channels,
             version=0,
         )
+        header.validate()
+        return header
 
     def _v0_segments(self) -> Iterator[tuple[int, int]]:
         """(n_frames, start_sample) of each segment, with exact integer arithmetic."""
@@ -766,31 +1324,79 @@ class EcdcReader:
             seg_len = min(total - offset, h.segment_length)
             yield -(-seg_len // hop), offset
 
-    def _iter_v0(self) -> Iterator[CodeChunk]:
+    def _v0_lost(self, index: int, segment: int, first_frame: int, frames_before: int,
+                 exc: TruncatedError) -> Iterator[Gap]:
+        """Salvage of a truncated version 0 file: one Gap for everything not read."""
+        h = self.header
+        total = h.num_samples or 0
+        self.damage.append(f"the file ends at byte {self._pos} (truncated): {exc}")
+        why = f"truncated at byte {self._pos}"
+        if h.segmented:
+            lost = -(-total // h.segment_stride) - segment
+            start = segment * h.segment_stride
+            count, exact = self._segment_frames(segment, lost, total)
+            gap = self._make_gap(index, lost, count, frames_before, start, total - start, exact, why)
+        else:
+            count = -(-total // h.hop_length) - first_frame
+            lost = -(-count // _V0_PIECE_FRAMES)
+            gap = self._make_gap(index, lost, count, first_frame, first_frame * h.hop_length,
+                                 count * h.hop_length, True, why)
+        yield from self._emit(gap)
+        self.total_samples = h.num_samples
+        self.original_samples = h.num_samples
+
+    def _iter_v0(self) -> Iterator[CodeChunk | Gap]:
         h = self.header
         n_q, bits = h.num_codebooks, h.bits_per_code
-        for n_frames, start in self._v0_segments():
+        total = h.num_samples or 0
+        frames = 0
+        index = 0  # segment number (segmented) or piece number (unsegmented)
+        for segment, (n_frames, start) in enumerate(self._v0_segments()):
             t = start / h.sample_rate
-            what = f"segment {self.chunks_read} (audio from {t:.2f} s)"
+            what = f"segment {index} (audio from {t:.2f} s)"
             scale = None
-            if h.has_scale:
-                (scale,) = _V0_SCALE.unpack(self._read_exactly(_V0_SCALE.size, f"scale of {what}"))
+            bad_scale = False
+            try:
+                if h.has_scale:
+                    (scale,) = _V0_SCALE.unpack(self._read_exactly(_V0_SCALE.size, f"scale of {what}"))
+            except TruncatedError as exc:
+                if not self.salvage:
+                    raise
+                yield from self._v0_lost(index, segment, 0, frames, exc)
+                return
+            if scale is not None and not (math.isfinite(scale) and scale >= 0.0):
+                if not self.salvage:
+                    raise FormatError(f"corrupt version 0 .ecdc file: {what} has invalid scale {scale!r}")
+                bad_scale = True
             # A segment's codes are one bit stream flushed at its end; unsegmented
             # files are split into byte-aligned pieces to bound memory.
             piece = n_frames if h.segmented else _V0_PIECE_FRAMES
             for first in range(0, n_frames, piece):
                 m = min(piece, n_frames - first)
-                data = self._read_exactly(packed_size(m * n_q, bits), f"codes of {what}")
-                codes = unpack_codes(data, bits, m * n_q).reshape(m, 1, n_q).transpose(1, 2, 0)
-                self.chunks_read += 1
-                yield CodeChunk(np.ascontiguousarray(codes), scale)
+                try:
+                    data = self._read_exactly(packed_size(m * n_q, bits), f"codes of {what}")
+                except TruncatedError as exc:
+                    if not self.salvage:
+                        raise
+                    yield from self._v0_lost(index, segment, first, frames, exc)
+                    return
+                if bad_scale:  # only segmented models carry a scale: one piece per segment
+                    gap = self._make_gap(index, 1, m, frames, start, min(h.segment_stride, total - start),
+                                         True, f"invalid scale {scale!r}")
+                    yield from self._emit(gap)
+                else:
+                    codes = unpack_codes(data, bits, m * n_q).reshape(m, 1, n_q).transpose(1, 2, 0)
+                    self.chunks_read += 1
+                    yield CodeChunk(np.ascontiguousarray(codes), scale, index)
+                index += 1
+                frames += m
         self.total_samples = h.num_samples
         self.original_samples = h.num_samples
 
     # -- iteration
 
-    def __iter__(self) -> Iterator[CodeChunk]:
-        """Yield code chunks in order; the stream is consumed once."""
+    def __iter__(self) -> Iterator:
+        """Yield code chunks in order (and Gap markers when salvaging); consumed once."""
         return self._iter
 
 
