@@ -1,0 +1,665 @@
+"""Encode and decode audio of any length in bounded memory, block by block.
+
+The streamed codes are *identical* to :meth:`EncodecModel.encode` on the whole input and
+the streamed audio matches :meth:`EncodecModel.decode` (to float rounding for causal
+models, bit for bit for segmented ones), so a file coded in pieces is the file coded at
+once. Two kinds of model, two strategies:
+
+* **Causal, unsegmented** (the 24 kHz model). The networks are split at their LSTM. The
+  convolutions before it have a finite receptive field, so each internal block of frames
+  ``[a, b)`` is computed from the input window ``[a*hop - context, b*hop)`` and only its
+  last ``b - a`` (exact) frames are kept; the LSTM carries its ``(h, c)`` state from block
+  to block; the convolutions after it get the previous block's last frames as left
+  history. Windows start on multiples of the hop, so every strided layer keeps its
+  alignment, and the last block's end-of-file padding is the whole-file one. Internal
+  blocks (``block_seconds``) are independent of how much the caller pushes at a time.
+
+* **Segmented** (the 48 kHz model). Segments are encoded as soon as they are complete,
+  grouped into batched passes exactly as :meth:`EncodecModel.encode` / ``decode`` group
+  them, and the decoded segments are overlap-added incrementally with the same weights
+  and order of additions as :func:`linear_overlap_add`; samples are released once no
+  later segment can touch them.
+
+Why identical codes need more than equal maths: CPU kernels round differently depending
+on the shape of the call, and a 1e-7 difference flips near-ties in deep RVQ stages. For a
+batch of one, PyTorch convolves with oneDNN only when ``channels_in * width > 20480``
+(:data:`ONEDNN_MIN_ELEMENTS`) and otherwise with a GEMM fallback that rounds differently;
+MKL's GEMM rounds differently for fewer than ~8 rows, the LSTM for a single time step.
+Above those sizes results are the same at every position whatever the width, so each
+call here is kept in the regime of a long whole-file pass: windows are wide enough for
+every conv (a short last block is widened to the left, recomputing frames already sent),
+the last LSTM chunk is zero-padded to :data:`MIN_ROWS` steps (it is causal) and the
+quantiser gets at least :data:`MIN_ROWS` frames. Inputs shorter than one block are coded
+by one whole-file call, identical by definition.
+
+Measured on CPU (1, 2, 4 and 8 threads; 24 kHz model with realistic codebooks, lengths
+from 1 sample to 30 s, pushes of 1 sample to 2 s, blocks of 1 to 10 s, batch 1 and 2):
+codes identical every time; decoded audio within 6e-8 of the whole-file decode (its
+transposed convolutions are not shift-invariant to the last bit). Caveat: the last
+``chunk % 16`` elements of each thread's chunk of an ELU take a scalar path that rounds
+differently. Windows are sized so that every ELU is split over all threads (see
+:func:`_min_input_width`, sized for the thread count at construction); when that count
+divides the channel counts (1, 2, 4, 8, 16 for the official models) the chunks follow
+channel boundaries and the odd elements sit at the same places in both passes. With
+other counts (e.g. 3) the whole-file pass itself is not shift-invariant: a rare deep code
+can then differ (2 of 8 long inputs at 3 threads). On CUDA the same windows are used,
+but cuDNN's algorithm choice per shape is not controlled here (untested).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .encodec import EncodecModel, EncodedSegment
+from .modules import SConv1d, SConvTranspose1d, SLSTM
+from .seanet import SEANetResnetBlock
+
+# PyTorch (CPU, float32, batch of one) convolves with oneDNN only above this many input
+# elements per call (channels x width); below it a GEMM fallback rounds differently.
+ONEDNN_MIN_ELEMENTS = 20480
+# ATen's grain size: an elementwise op on n elements runs on ceil(n / grain) threads at most.
+ELEMENTWISE_GRAIN = 32768
+# Fewest rows given to a GEMM (quantiser distances) or time steps given to the LSTM: MKL
+# and oneDNN take other code paths for a handful of rows.
+MIN_ROWS = 16
+DEFAULT_BLOCK_SECONDS = 5.0
+
+_ELEMENTWISE = (nn.ELU, nn.Identity)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _left_context(modules: Sequence[nn.Module]) -> int:
+    """First output index of ``modules`` that is exact when the input window starts late.
+
+    A window that starts inside the signal sees the wrong left padding (reflected instead
+    of the real past) and, for transposed convs, misses the previous frames' overlap; the
+    returned number of leading outputs are spoilt by that, every later one is exact.
+    """
+    first_exact = 0  # index of the first exact position at the current layer
+    for module in modules:
+        first_exact = _first_exact_after(module, first_exact)
+    return first_exact
+
+
+def _first_exact_after(module: nn.Module, e: int) -> int:
+    if isinstance(module, _ELEMENTWISE):
+        return e
+    if isinstance(module, SConv1d):
+        if not module.causal:
+            raise ModelError("streaming needs causal convolutions")
+        pad = (module.kernel_size - 1) * module.dilation - (module.stride - 1)
+        # output j reads inputs j*stride - pad .. j*stride + (k-1)*dilation - pad
+        return -(-(e + pad) // module.stride)
+    if isinstance(module, SConvTranspose1d):
+        if not module.causal or module.trim_right_ratio != 1.0:
+            raise ModelError("streaming needs causal transposed convolutions")
+        # output p sums inputs ceil((p - k + 1) / s) .. p // s; all must be >= e
+        return e * module.stride + module.kernel_size - module.stride
+    if isinstance(module, SEANetResnetBlock):
+        return max(_first_exact_after(module.shortcut, e), _chain(module.block, e))
+    raise ModelError(f"cannot stream through a {type(module).__name__}")
+
+
+def _chain(modules: Iterable[nn.Module], e: int) -> int:
+    for module in modules:
+        e = _first_exact_after(module, e)
+    return e
+
+
+def _min_input_width(modules: Sequence[nn.Module], threads: int) -> int:
+    """Fewest input positions for which every call in ``modules`` takes the code path of a
+    long input: each conv runs on oneDNN, and each ELU is split over all ``threads``.
+
+    An elementwise op runs on ``min(threads, ceil(n / ELEMENTWISE_GRAIN))`` threads, each
+    over one contiguous chunk whose last ``chunk % 16`` elements take a scalar path that,
+    for ELU, rounds differently. With all threads busy the chunks of a ``[B, C, T]`` tensor
+    follow channel boundaries (for thread counts dividing ``C``), so these few elements sit
+    at the end of the time axis in both passes; with fewer threads they could fall
+    anywhere. ``scale`` is positions per input position at each layer (strides shrink it,
+    transposed strides grow it); padding is ignored, which only errs on the safe side.
+    """
+    need = 1
+    scale = Fraction(1)  # exact: a float 1/40 could round a width onto the threshold
+    after_elu = False
+    elu_elements = (threads - 1) * ELEMENTWISE_GRAIN + 1
+
+    def require(channels: int, elements: int) -> None:
+        nonlocal need
+        need = max(need, math.ceil(elements / (channels * scale)))
+
+    def visit(module: nn.Module) -> None:
+        nonlocal scale, after_elu
+        if isinstance(module, nn.ELU):
+            after_elu = True
+            return
+        if isinstance(module, SEANetResnetBlock):
+            for inner in module.block:
+                visit(inner)
+            after_elu = False  # the shortcut reads the block's input, not an ELU's output
+            visit(module.shortcut)
+        elif isinstance(module, (SConv1d, SConvTranspose1d)):
+            conv = module.conv.conv if isinstance(module, SConv1d) else module.convtr.convtr
+            require(conv.in_channels, ONEDNN_MIN_ELEMENTS + 1)
+            if after_elu:  # the ELU's output is this conv's input
+                require(conv.in_channels, elu_elements)
+            if isinstance(module, SConv1d):
+                scale /= module.stride
+            else:
+                scale *= module.stride
+        after_elu = False
+
+    for m in modules:
+        visit(m)
+    return need
+
+
+def _split_at_lstm(seq: nn.Sequential) -> tuple[list[nn.Module], SLSTM | None, list[nn.Module]]:
+    """(modules before the LSTM, the LSTM, modules after it); no LSTM puts all before."""
+    layers = list(seq)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, SLSTM):
+            return layers[:i], layer, layers[i + 1:]
+    return layers, None, []
+
+
+def _run(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _lstm_step(slstm: SLSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
+               last: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """:class:`SLSTM` on ``x`` ``[B, C, T]`` continuing from ``state`` -> (``[T, B, C]``, state).
+
+    The same ops as its forward (which returns the ``[B, C, T]`` view of this). The last
+    chunk may be short; it is zero-padded to :data:`MIN_ROWS` steps (the LSTM is causal,
+    so the real steps are unchanged) and the returned state is then meaningless.
+    """
+    xt = x.permute(2, 0, 1).contiguous()  # [T, B, C]
+    steps = xt.shape[0]
+    inp = xt
+    if steps < MIN_ROWS:
+        if not last:
+            raise RuntimeError("internal error: short LSTM chunk before the end")
+        inp = torch.cat([xt, xt.new_zeros(MIN_ROWS - steps, *xt.shape[1:])])
+    y, new_state = slstm.lstm(inp, state)
+    y = y[:steps]
+    if slstm.skip:
+        y = y + xt
+    return y, new_state
+
+
+def _with_history(hist: torch.Tensor | None, new: torch.Tensor, keep: int, use: int, dim: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the last ``use`` steps of ``hist`` followed by ``new``, the last ``keep`` steps of both).
+
+    ``dim`` is the time axis. A full block needs only the layers' reach as history; a
+    short last block takes more, so that its calls are as wide as a full block's.
+    """
+    full = new if hist is None else torch.cat([hist, new], dim=dim)
+    length = full.shape[dim]
+    used = length if hist is None else min(hist.shape[dim], use) + new.shape[dim]
+    # The kept steps are copied, so that the block they came from can be freed.
+    kept = full.narrow(dim, max(0, length - keep), min(keep, length)).clone()
+    return full.narrow(dim, length - used, used), kept
+
+
+def _streamable(model: EncodecModel) -> None:
+    if model.segment_length is not None:
+        return
+    if not model.config.causal:
+        raise ModelError(f"{model.name}: streaming needs a causal or a segmented model")
+    if model.config.normalize:
+        raise ModelError(f"{model.name}: a whole-input scale cannot be streamed; use segments")
+
+
+class _InputBuffer:
+    """Samples ``[B, C, n]`` from absolute position ``start`` on, appended in pieces.
+
+    Pieces are only joined when read, so many tiny pushes cost no repeated copying.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.end = 0
+        self._pieces: list[torch.Tensor] = []
+
+    def append(self, wav: torch.Tensor) -> None:
+        if wav.shape[-1]:
+            if self._pieces and wav.shape[:-1] != self._pieces[0].shape[:-1]:
+                raise ModelError(f"audio shape changed mid-stream: {list(self._pieces[0].shape[:-1])} "
+                                 f"then {list(wav.shape[:-1])}")
+            self._pieces.append(wav)
+            self.end += wav.shape[-1]
+
+    def _joined(self) -> torch.Tensor:
+        if len(self._pieces) > 1:
+            self._pieces = [torch.cat(self._pieces, dim=-1)]
+        return self._pieces[0]
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        """Samples ``[a, b)`` (absolute positions)."""
+        if not self.start <= a <= b <= self.end:
+            raise RuntimeError(f"internal error: [{a}, {b}) outside the buffer [{self.start}, {self.end})")
+        return self._joined()[..., a - self.start : b - self.start]
+
+    def drop_before(self, pos: int) -> None:
+        """Forget samples before ``pos``."""
+        pos = min(max(pos, self.start), self.end)
+        if pos == self.start:
+            return
+        if self._pieces:
+            self._pieces = [self._joined()[..., pos - self.start :].clone()]
+        self.start = pos
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self._pieces)
+
+
+def _numel(*items: torch.Tensor | tuple[torch.Tensor, ...] | None) -> int:
+    total = 0
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            total += item.numel()
+        elif isinstance(item, tuple):
+            total += sum(t.numel() for t in item)
+    return total
+
+
+def _segments_per_pass(model: EncodecModel) -> int:
+    """Segments :meth:`EncodecModel.encode` / ``decode`` stack into one pass (1: no batching).
+
+    The streaming classes group segments the same way, so that their results are the
+    whole-file ones bit for bit even where a batched pass rounds differently.
+    """
+    if not (hasattr(model, "encode_segments") and hasattr(model, "decode_segments")):
+        return 1
+    return max(1, int(getattr(model, "DEFAULT_BATCH_SEGMENTS", 1)))
+
+
+class _Runs:
+    """Consecutive runs of at most ``limit`` items with equal ``key``, formed greedily in
+    order, as the model batches segments; a run is handed out as soon as it is closed."""
+
+    def __init__(self, limit: int, key: Callable[[Any], Any]) -> None:
+        self.limit = limit
+        self.key = key
+        self.items: list[Any] = []
+
+    def add(self, item: Any) -> list[list[Any]]:
+        """Append ``item``; return the runs this closes (zero, one or two)."""
+        closed = []
+        if self.items and self.key(self.items[0]) != self.key(item):
+            closed.append(self.close_run())
+        self.items.append(item)
+        if len(self.items) >= self.limit:
+            closed.append(self.close_run())
+        return closed
+
+    def close_run(self) -> list[Any]:
+        run, self.items = self.items, []
+        return run
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class StreamingEncoder:
+    """Push audio in pieces of any size, get the codes :meth:`EncodecModel.encode` would give.
+
+    For causal models each returned :class:`EncodedSegment` holds a run of consecutive
+    frames (``scale`` None); their concatenation over all :meth:`push` and :meth:`flush`
+    calls is the whole-file segment. For segmented models each returned segment is one of
+    the whole-file segments, with its scale.
+    """
+
+    def __init__(self, model: EncodecModel, num_codebooks: int,
+                 block_seconds: float = DEFAULT_BLOCK_SECONDS) -> None:
+        _streamable(model)
+        if not 1 <= num_codebooks <= model.max_codebooks:
+            raise ModelError(f"{model.name} has {model.max_codebooks} codebooks, asked for {num_codebooks}")
+        if not block_seconds > 0:
+            raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+        self.model = model
+        self.num_codebooks = num_codebooks
+        self.num_samples = 0
+        self._buf = _InputBuffer()
+        self._done = False
+        self._seg_len = model.segment_length
+        self._seg_stride = model.segment_stride
+        self._next = 0  # causal: next frame to emit; segmented: next segment's start sample
+        self._state: tuple[torch.Tensor, torch.Tensor] | None = None  # LSTM (h, c)
+        self._hist: torch.Tensor | None = None  # last LSTM outputs (after the skip), [T, B, C]
+        self._run_pieces = _Runs(_segments_per_pass(model), lambda w: tuple(w.shape))
+        if self._seg_len is not None:
+            return
+        hop = model.hop_length
+        self._hop = hop
+        threads = torch.get_num_threads()  # window sizes depend on it (see _min_input_width)
+        self._stack, self._lstm, self._tail = _split_at_lstm(model.encoder.model)
+        # Input context (whole frames, so strided layers stay aligned) and the smallest
+        # window, in samples, that keeps every conv of the first part on oneDNN.
+        self._context = _left_context(self._stack) * hop
+        self._min_window = -(-_min_input_width(self._stack, threads) // hop) * hop
+        tail_reach = _left_context(self._tail)
+        self._tail_reach = tail_reach
+        # LSTM outputs kept for the tail: its reach, plus enough frames that a one-frame
+        # final block still gives the tail convs and the quantiser full-size calls.
+        self._history = tail_reach + max(_min_input_width(self._tail, threads), MIN_ROWS)
+        min_block = max(-(-self._min_window // hop), _min_input_width(self._tail, threads), MIN_ROWS,
+                        tail_reach + 1)
+        self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
+        self._keep = max(self._context, self._min_window)  # samples kept before frame _next
+
+    # ------------------------------------------------------------------ public
+
+    @torch.inference_mode()
+    def push(self, wav: torch.Tensor) -> list[EncodedSegment]:
+        """Add ``wav`` ``[B, C, n]`` (any n >= 0) and return the codes that are now final."""
+        if self._done:
+            raise ModelError("push after flush")
+        self._check(wav)
+        # A copy: the caller may reuse its buffer for the next piece.
+        self._buf.append(wav.to(self.model._device(), copy=True))
+        self.num_samples += wav.shape[-1]
+        if self._seg_len is not None:
+            return self._segments(final=False)
+        out = []
+        while (self._next + self.block_frames) * self._hop <= self.num_samples:
+            out.append(self._block(self.block_frames, final=False))
+        return out
+
+    @torch.inference_mode()
+    def flush(self) -> list[EncodedSegment]:
+        """End of input: the remaining codes, padded exactly as in the whole-file pass."""
+        if self._done:
+            raise ModelError("flush called twice")
+        self._done = True
+        if self._seg_len is not None:
+            return self._segments(final=True)
+        if self.num_samples == 0:
+            return []
+        if self._next == 0:
+            # Nothing sent yet, so the buffer still starts at sample 0: this *is* the
+            # whole-file pass (also the only way to match it for very short inputs).
+            seg = self.model.encode_segment(self._buf.read(0, self.num_samples), self.num_codebooks)
+            self._release()
+            return [seg]
+        total_frames = -(-self.num_samples // self._hop)
+        remaining = total_frames - self._next
+        out = [self._block(remaining, final=True)] if remaining > 0 else []
+        self._release()
+        return out
+
+    def buffered_elements(self) -> int:
+        """Tensor elements held between calls; bounded, whatever the input length."""
+        return (self._buf.numel() + _numel(self._hist, self._state)
+                + sum(w.numel() for w in self._run_pieces.items))
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self, wav: torch.Tensor) -> None:
+        if not isinstance(wav, torch.Tensor) or wav.dim() != 3 or wav.shape[1] != self.model.channels:
+            shape = list(wav.shape) if isinstance(wav, torch.Tensor) else type(wav).__name__
+            raise ModelError(f"{self.model.name} expects audio shaped [batch, {self.model.channels}, "
+                             f"samples], got {shape}")
+        if not wav.is_floating_point():
+            raise ModelError(f"audio must be floating point, got {wav.dtype}")
+
+    def _release(self) -> None:
+        self._buf = _InputBuffer()
+        self._hist = None
+        self._state = None
+
+    def _segments(self, final: bool) -> list[EncodedSegment]:
+        """Encode the segments that are complete (all that are left if ``final``)."""
+        seg_len, stride = self._seg_len or 0, self._seg_stride or 0
+        out: list[EncodedSegment] = []
+        while self._next + seg_len <= self.num_samples or (final and self._next < self.num_samples):
+            end = min(self._next + seg_len, self.num_samples)
+            piece = self._buf.read(self._next, end).clone()
+            for run in self._run_pieces.add(piece):
+                out += self._encode_run(run)
+            self._next += stride
+            self._buf.drop_before(self._next)
+        if final:
+            out += self._encode_run(self._run_pieces.close_run())
+            self._release()
+        return out
+
+    def _encode_run(self, run: list[torch.Tensor]) -> list[EncodedSegment]:
+        if len(run) > 1:
+            return self.model.encode_segments(run, self.num_codebooks)  # type: ignore[attr-defined]
+        return [self.model.encode_segment(w, self.num_codebooks) for w in run]
+
+    def _block(self, frames: int, final: bool) -> EncodedSegment:
+        """Codes of frames ``[_next, _next + frames)``; ``final`` when they reach the end."""
+        hop = self._hop
+        a = self._next
+        end = self.num_samples if final else (a + frames) * hop
+        # Left context for exactness, widened (on frame boundaries) to the minimum window.
+        start = max(0, min(a * hop - self._context, (end - self._min_window) // hop * hop))
+        feats = _run(self._stack, self._buf.read(start, end))
+        if self._lstm is None:
+            latent, spoilt = feats, (self._context // hop if start else 0)
+        else:
+            spoilt = 0 if self._hist is None else self._tail_reach
+            y, self._state = _lstm_step(self._lstm, feats[..., -frames:], self._state, last=final)
+            # Time-major, so that the layers after the LSTM see the memory layout they see
+            # in the whole-file pass (an ELU's scalar tail rounds differently).
+            z, self._hist = _with_history(self._hist, y, self._history,
+                                          self._history if final else self._tail_reach, dim=0)
+            latent = _run(self._tail, z.permute(1, 2, 0))
+        # The quantiser gets at least MIN_ROWS frames (recomputing some already sent) when
+        # there are that many exact ones: leading frames spoilt by the window start are not.
+        rows = min(latent.shape[-1] - spoilt, max(frames, MIN_ROWS))
+        codes = self.model.quantizer.encode(latent[..., -rows:], self.num_codebooks)[..., -frames:]
+        self._next = a + frames
+        self._buf.drop_before(self._next * hop - self._keep)
+        return EncodedSegment(codes=codes, scale=None)
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class StreamingDecoder:
+    """Push :class:`EncodedSegment` s as they come, get audio as soon as it is final.
+
+    The concatenation of everything returned by :meth:`push` and :meth:`flush` equals
+    :meth:`EncodecModel.decode` on all segments (to float rounding), untrimmed.
+    """
+
+    def __init__(self, model: EncodecModel, block_seconds: float = DEFAULT_BLOCK_SECONDS) -> None:
+        _streamable(model)
+        if not block_seconds > 0:
+            raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+        self.model = model
+        self._done = False
+        self._shape: tuple[int, ...] | None = None  # (B, K) of the codes
+        self._seg_stride = model.segment_stride
+        # segmented: overlap-add state
+        self._index = 0  # segments overlap-added
+        self._run_segments = _Runs(_segments_per_pass(model),
+                                   lambda g: (tuple(g.codes.shape), g.scale is None, g.codes.device))
+        self._weight: torch.Tensor | None = None
+        self._acc: torch.Tensor | None = None  # weighted sum from _emitted on
+        self._wsum: torch.Tensor | None = None
+        self._emitted = 0
+        # causal: pending codes, LSTM state and the histories of the two windowed parts
+        self._codes: list[torch.Tensor] = []
+        self._pending = 0
+        self._decoded = 0  # frames decoded so far
+        self._state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lat_hist: torch.Tensor | None = None
+        self._y_hist: torch.Tensor | None = None
+        if self._seg_stride is not None:
+            return
+        hop = model.hop_length
+        self._hop = hop
+        threads = torch.get_num_threads()
+        self._pre, self._lstm, self._post = _split_at_lstm(model.decoder.model)
+        if self._lstm is None:  # no LSTM: everything is after the (absent) pivot
+            self._pre, self._post = [], self._pre
+        self._pre_reach = _left_context(self._pre)
+        post_samples = _left_context(self._post)
+        self._post_reach = -(-post_samples // hop)
+        # Frames kept before each part: its reach, plus enough that a one-frame final
+        # block still makes full-size calls. Without an LSTM the latents feed everything.
+        self._post_history = self._post_reach + _min_input_width(self._post, threads)
+        self._pre_history = (self._post_history if self._lstm is None
+                             else self._pre_reach + _min_input_width(self._pre, threads))
+        min_block = max(_min_input_width(self._pre, threads), _min_input_width(self._post, threads), MIN_ROWS,
+                        self._pre_reach + 1, self._post_reach + 1)
+        self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
+
+    @torch.inference_mode()
+    def push(self, segment: EncodedSegment) -> torch.Tensor:
+        """Add one segment (or run of frames); return the audio ``[B, C, n]`` final so far."""
+        if self._done:
+            raise ModelError("push after flush")
+        codes = self._check(segment)
+        if self._seg_stride is not None:
+            pieces = [self._overlap_add(frame) for run in self._run_segments.add(segment)
+                      for frame in self._decode_run(run)]
+            return self._cat(pieces)
+        if segment.scale is not None:
+            raise ModelError(f"{self.model.name} does not use scales")
+        if codes.shape[-1]:
+            self._codes.append(codes.clone())
+            self._pending += codes.shape[-1]
+        out = []
+        while self._pending >= self.block_frames:
+            out.append(self._block(self.block_frames, final=False))
+        return self._cat(out)
+
+    @torch.inference_mode()
+    def flush(self) -> torch.Tensor:
+        """The rest of the audio (not trimmed: the caller knows the true length)."""
+        if self._done:
+            raise ModelError("flush called twice")
+        self._done = True
+        if self._seg_stride is not None:
+            pieces = [self._overlap_add(frame) for frame in self._decode_run(self._run_segments.close_run())]
+            pieces.append(self._overlap_add(None))
+            return self._cat(pieces)
+        if self._pending == 0:
+            return self._cat([])
+        if self._decoded == 0:
+            # Nothing decoded yet: one whole-file call, identical by definition.
+            out = self.model.decode_segment(EncodedSegment(self._take(self._pending), None))
+        else:
+            out = self._block(self._pending, final=True)
+        self._lat_hist = self._y_hist = self._state = None
+        return out
+
+    def buffered_elements(self) -> int:
+        """Tensor elements held between calls; bounded, whatever the input length."""
+        return (sum(c.numel() for c in self._codes)
+                + _numel(self._lat_hist, self._y_hist, self._state, self._acc, self._wsum, self._weight)
+                + sum(seg.codes.numel() for seg in self._run_segments.items))
+
+    # ------------------------------------------------------------------ internals
+
+    def _check(self, segment: EncodedSegment) -> torch.Tensor:
+        codes = segment.codes
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.model.max_codebooks:
+            raise ModelError(f"codes must be [batch, <= {self.model.max_codebooks}, frames], "
+                             f"got {list(codes.shape)}")
+        if self._shape is None:
+            self._shape = tuple(codes.shape[:2])
+        elif tuple(codes.shape[:2]) != self._shape:
+            raise ModelError(f"codes shape changed mid-stream: {list(self._shape)} then "
+                             f"{list(codes.shape[:2])}")
+        return codes.to(self.model._device())
+
+    def _empty(self) -> torch.Tensor:
+        batch = self._shape[0] if self._shape is not None else 0
+        dtype = self.model.quantizer.vq.layers[0].codebook.dtype
+        return torch.zeros(batch, self.model.channels, 0, device=self.model._device(), dtype=dtype)
+
+    def _cat(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        if not pieces:
+            return self._empty()
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+    def _take(self, frames: int) -> torch.Tensor:
+        codes = torch.cat(self._codes, dim=-1) if len(self._codes) > 1 else self._codes[0]
+        taken, rest = codes[..., :frames], codes[..., frames:]
+        self._codes = [rest] if rest.shape[-1] else []
+        self._pending -= frames
+        return taken
+
+    def _block(self, frames: int, final: bool) -> torch.Tensor:
+        try:
+            lat = self.model.quantizer.decode(self._take(frames).long())
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
+        reach = self._post_reach if self._lstm is None else self._pre_reach
+        x, self._lat_hist = _with_history(self._lat_hist, lat, self._pre_history,
+                                          self._pre_history if final else reach, dim=-1)
+        z = x
+        if self._lstm is not None:
+            z = _run(self._pre, x)[..., -frames:]
+            y, self._state = _lstm_step(self._lstm, z, self._state, last=final)
+            y_all, self._y_hist = _with_history(self._y_hist, y, self._post_history,
+                                                self._post_history if final else self._post_reach, dim=0)
+            z = y_all.permute(1, 2, 0)
+        self._decoded += frames
+        return _run(self._post, z)[..., -frames * self._hop:]
+
+    def _decode_run(self, run: list[EncodedSegment]) -> list[torch.Tensor]:
+        if len(run) > 1:
+            return self.model.decode_segments(run)  # type: ignore[attr-defined]
+        return [self.model.decode_segment(seg) for seg in run]
+
+    def _overlap_add(self, frame: torch.Tensor | None) -> torch.Tensor:
+        """Add one decoded segment; return the samples no later segment can change.
+        ``None``: end of stream, return everything left.
+
+        Same weights and the same order of additions as :func:`linear_overlap_add`, so the
+        result is bit-identical to it.
+        """
+        stride = self._seg_stride or 0
+        if frame is not None:
+            n = frame.shape[-1]
+            if self._weight is None:
+                t = torch.linspace(0, 1, n + 2, device=frame.device, dtype=frame.dtype)[1:-1]
+                self._weight = 0.5 - (t - 0.5).abs()
+            elif n > self._weight.shape[0]:
+                raise ModelError("every segment must be at most as long as the first")
+            if self._acc is None or self._wsum is None:
+                self._acc, self._wsum = frame.new_zeros(*frame.shape[:-1], 0), frame.new_zeros(0)
+            acc, wsum = self._acc, self._wsum
+            start = self._index * stride - self._emitted
+            if start < 0 or acc.shape[:-1] != frame.shape[:-1]:
+                raise ModelError("segment does not fit the stream")
+            grow = start + n - acc.shape[-1]
+            if grow > 0:
+                acc = torch.cat([acc, acc.new_zeros(*acc.shape[:-1], grow)], dim=-1)
+                wsum = torch.cat([wsum, wsum.new_zeros(grow)])
+            acc[..., start : start + n] += self._weight[:n] * frame
+            wsum[start : start + n] += self._weight[:n]
+            self._acc, self._wsum = acc, wsum
+            self._index += 1
+        if self._acc is None or self._wsum is None:
+            return self._empty()
+        acc, wsum = self._acc, self._wsum
+        # Later segments start at _index * stride or after: everything before is final.
+        ready = acc.shape[-1] if frame is None else min(acc.shape[-1], self._index * stride - self._emitted)
+        if ready <= 0:
+            return acc[..., :0].clone()
+        if bool((wsum[:ready] <= 0).any()):
+            raise ModelError(f"stride {stride} leaves gaps between segments")
+        out = acc[..., :ready] / wsum[:ready]
+        self._acc, self._wsum = acc[..., ready:].clone(), wsum[ready:].clone()
+        self._emitted += ready
+        return out
