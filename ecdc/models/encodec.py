@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..perf import tune_allocator
 from .modules import CONV_NORMS
 from .quantizer import ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder
@@ -162,9 +163,14 @@ def linear_overlap_add(frames: Sequence[torch.Tensor], stride: int) -> torch.Ten
 
 
 class EncodecModel(nn.Module):
-    """EnCodec: waveform <-> discrete codes, one :class:`EncodedSegment` per segment."""
+    """EnCodec: waveform <-> discrete codes, one :class:`EncodedSegment` per segment.
 
-    def __init__(self, config: EncodecConfig) -> None:
+    Codes are bit-identical to Meta's reference implementation. Decoded audio matches it
+    to float rounding; ``exact_decoder=True`` (or :meth:`set_exact_decoder`) makes it
+    bit-identical too, at some decoding speed.
+    """
+
+    def __init__(self, config: EncodecConfig, exact_decoder: bool = False) -> None:
         super().__init__()
         self.config = config
         self.name = config.name
@@ -184,7 +190,16 @@ class EncodecModel(nn.Module):
         self.encoder = SEANetEncoder(**common)
         self.quantizer = ResidualVectorQuantizer(config.dimension, self.max_codebooks,
                                                  config.codebook_size)
-        self.decoder = SEANetDecoder(**common)
+        # Nothing downstream depends on the decoded audio's last bits (it matches the
+        # reference to float rounding), so the decoder uses its faster arithmetic; the
+        # encoder stays bit-exact because codes must be identical to the reference's.
+        self.decoder = SEANetDecoder(**common, exact=exact_decoder)
+        tune_allocator()  # see ecdc.perf: avoids re-faulting activations on every pass
+
+    def set_exact_decoder(self, exact: bool = True) -> None:
+        """Decode with the reference's arithmetic bit for bit (``True``) or with the faster
+        formulations that agree with it to float rounding (``False``, the default)."""
+        self.decoder.set_exact(exact)
 
     # ------------------------------------------------------------------ geometry
 
@@ -237,6 +252,7 @@ class EncodecModel(nn.Module):
         if not wav.is_floating_point():
             raise ModelError(f"audio must be floating point, got {wav.dtype}")
 
+    @torch.no_grad()
     def encode_segment(self, wav: torch.Tensor, num_codebooks: int) -> EncodedSegment:
         """Encode one segment ``[B, C, T]`` (T at most ``segment_length``) with K codebooks."""
         self._check_wav(wav)
@@ -283,6 +299,7 @@ class EncodecModel(nn.Module):
         return ModelOutput(audio=audio[..., :length], codes=result.codes,
                            commitment_loss=result.commitment_loss)
 
+    @torch.no_grad()
     def decode_segment(self, seg: EncodedSegment) -> torch.Tensor:
         """Codes of one segment -> waveform ``[B, C, F * hop_length]``."""
         codes = seg.codes.to(self._device())
@@ -297,6 +314,7 @@ class EncodecModel(nn.Module):
             out = out * seg.scale.to(out).view(-1, 1, 1)
         return out
 
+    @torch.no_grad()
     def decode(self, segments: list[EncodedSegment]) -> torch.Tensor:
         """Segments -> waveform ``[B, C, T']``, cross-faded where segments overlap.
 

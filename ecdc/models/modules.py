@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..perf import lstm_threads
+
 CONV_NORMS = ("none", "weight_norm", "time_group_norm")
 
 
@@ -87,12 +89,39 @@ def _weight_norm(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return v * (g / norm.view(-1, *([1] * (v.dim() - 1))))
 
 
+def _use_cache(module: nn.Module) -> bool:
+    """Whether a module may reuse a weight derived from its parameters (see ``_WeightNormMixin``).
+
+    Only in eval mode and when no autograd graph is being recorded (``torch.no_grad`` or
+    ``torch.inference_mode``): a training step must backpropagate through the derivation.
+    """
+    return not module.training and not torch.is_grad_enabled()
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Changes whenever ``t`` is modified in place or replaced (``.to``, ``load_state_dict``).
+
+    The version counter is bumped by every in-place op (optimiser steps, ``copy_``); the
+    data pointer, device and dtype catch moves and casts. Writes through ``.data`` bump
+    no counter: call :func:`clear_weight_cache` after those.
+    """
+    return (id(t), t._version, t.data_ptr(), t.device, t.dtype, t.shape)
+
+
 class _WeightNormMixin:
     """Replaces a conv's ``weight`` parameter by ``weight_g`` / ``weight_v`` (dim=0).
 
     Same names, shapes and initialisation (g = ||w||, v = w) as ``torch.nn.utils.weight_norm``,
     without its deprecated forward-pre-hook machinery.
+
+    At inference (eval mode, no autograd) the normalised weight is computed once and
+    reused until ``weight_g`` / ``weight_v`` change: it is the same ``torch._weight_norm``
+    call on the same tensors, so the values are bit-identical to recomputing it per call.
+    In training (or whenever grad is enabled) it is recomputed on every call so that
+    gradients flow through the reparametrisation.
     """
+
+    _weight_cache: tuple | None = None
 
     def _split_weight(self) -> None:
         weight = self._parameters.pop("weight").detach()
@@ -102,7 +131,46 @@ class _WeightNormMixin:
         self.register_parameter("weight_v", nn.Parameter(weight.clone()))
 
     def normed_weight(self) -> torch.Tensor:
-        return _weight_norm(self.weight_v, self.weight_g)
+        v, g = self.weight_v, self.weight_g
+        if not _use_cache(self):
+            return _weight_norm(v, g)
+        key = (_tensor_key(v), _tensor_key(g))
+        cached = self._weight_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        # A plain tensor even when called under inference mode, so that the cache can be
+        # used later outside it.
+        with torch.inference_mode(False), torch.no_grad():
+            weight = _weight_norm(v, g)
+        self._weight_cache = (key, weight)
+        return weight
+
+    def clear_weight_cache(self) -> None:
+        self._weight_cache = None
+
+    def train(self, mode: bool = True):
+        self._weight_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def clear_weight_cache(module: nn.Module) -> None:
+    """Drop every cached normalised weight under ``module``.
+
+    Needed only after writing parameters through ``.data`` (which bumps no version
+    counter); optimiser steps, ``load_state_dict``, ``.to()`` and ``train()`` / ``eval()``
+    invalidate the cache by themselves.
+    """
+    for m in module.modules():
+        if isinstance(m, _WeightNormMixin):
+            m.clear_weight_cache()
 
 
 class WeightNormConv1d(_WeightNormMixin, nn.Conv1d):
@@ -150,7 +218,112 @@ class NormConv1d(nn.Module):
         self.norm = _norm_module(norm, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x))
+        conv = self.conv
+        if self.allow_reassociation and _small_output_ok(conv, x):
+            weight = conv.normed_weight() if isinstance(conv, _WeightNormMixin) else conv.weight
+            return self.norm(conv1d_small_output(x, weight, conv.bias, conv.dilation[0]))
+        return self.norm(conv(x))
+
+    #: May compute the same sums in another order (faster; results equal to float
+    #: rounding, not bit for bit). Off by default; :class:`~ecdc.models.EncodecModel`
+    #: turns it on for its decoder only: the encoder must reproduce the reference's
+    #: latents exactly, or near-ties in the RVQ could flip codes.
+    allow_reassociation = False
+
+
+def set_reassociation(module: nn.Module, allow: bool) -> None:
+    """Let every layer under ``module`` use its faster, not bit-exact formulation
+    (``allow``) or only the reference's exact arithmetic."""
+    from .seanet import SEANetResnetBlock  # circular at import time
+
+    for m in module.modules():
+        if isinstance(m, (NormConv1d, NormConvTranspose1d, SEANetResnetBlock)):
+            m.allow_reassociation = bool(allow)
+
+
+def _inference_cpu(module: nn.Module, x: torch.Tensor) -> bool:
+    return (not module.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dim() == 3 and x.dtype == torch.float32)
+
+
+def _small_output_ok(conv: nn.Conv1d, x: torch.Tensor) -> bool:
+    return (_inference_cpu(conv, x) and conv.stride[0] == 1 and conv.groups == 1
+            and conv.padding[0] == 0 and conv.out_channels * conv.kernel_size[0] <= 16)
+
+
+def _matmul_2d_3d(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w @ x`` for ``w`` ``[M, K]`` and ``x`` ``[B, K, N]`` -> contiguous ``[B, M, N]``.
+
+    Not ``torch.matmul``: for a ``w`` that requires grad (a plain parameter) it folds the
+    batch into an ``x^T w^T`` product and then copies the transposed result, 2-3x slower.
+    """
+    w = w.detach()
+    if x.shape[0] == 1:
+        return torch.mm(w, x[0]).unsqueeze(0)
+    return torch.bmm(w.expand(x.shape[0], *w.shape), x)
+
+
+def conv1d_small_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        dilation: int = 1) -> torch.Tensor:
+    """``F.conv1d(x, weight, bias, dilation=dilation)`` (stride 1, no padding) as one
+    matrix product over the input and ``kernel_size`` shifted sums of its few output rows.
+
+    For convs with few outputs (the decoder's last layer: 32 channels -> 1 or 2), where
+    oneDNN's direct convolution is 3-4x slower. Equal to it up to float rounding.
+    """
+    b, c_in, length = x.shape
+    c_out, _, k = weight.shape
+    t = length - (k - 1) * dilation
+    taps = _matmul_2d_3d(weight.permute(2, 0, 1).reshape(k * c_out, c_in), x)  # [B, k*C_out, L]
+    taps = taps.view(b, k, c_out, length)
+    y = taps[:, 0, :, :t].clone() if bias is None else taps[:, 0, :, :t] + bias.view(1, -1, 1)
+    for i in range(1, k):
+        y += taps[:, i, :, i * dilation : i * dilation + t]
+    return y
+
+
+def conv_transpose1d_double_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   stride: int) -> torch.Tensor:
+    """``F.conv_transpose1d(x, weight, bias, stride)`` for ``kernel_size == 2 * stride``.
+
+    The SEANet decoder's upsampling layers all have this shape. Each input frame then
+    spreads over exactly two output blocks of ``stride`` samples, so the transposed conv is
+    one matrix product ``W^T x`` (``[C_out * 2 * stride, T]``) plus one shifted add of its
+    two halves: up to 2.5x faster on CPU than torch's kernel (measured on the 24 kHz
+    decoder's layers; the gain grows with the number of frames). Same
+    sums, in a different order: values agree with torch's to float rounding (~1e-7
+    relative), not bit for bit.
+    """
+    b, c_in, t = x.shape
+    c_out = weight.shape[1]
+    s = stride
+    cols = _matmul_2d_3d(weight.reshape(c_in, c_out * 2 * s).t(), x)  # [B, C_out * 2s, T]
+    cols = cols.view(b, c_out, 2, s, t)
+    first = cols[:, :, 0].transpose(2, 3)  # [B, C_out, T, s]: frame t's first block
+    second = cols[:, :, 1].transpose(2, 3)  # ... and its second, which lands one block later
+    y = x.new_empty(b, c_out, t + 1, s)
+    if bias is None:
+        y[:, :, :t].copy_(first)
+        y[:, :, t].zero_()
+    else:
+        torch.add(first, bias.view(1, -1, 1, 1), out=y[:, :, :t])
+        y[:, :, t] = bias.view(1, -1, 1)
+    y[:, :, 1:] += second
+    return y.view(b, c_out, (t + 1) * s)
+
+
+def _fast_transpose_ok(conv: nn.ConvTranspose1d, x: torch.Tensor) -> bool:
+    """Whether :func:`conv_transpose1d_double_kernel` applies: inference on CPU, plain
+    geometry with ``kernel_size == 2 * stride``. Training keeps torch's kernel (as do
+    layers whose ``allow_reassociation`` is off)."""
+    return (
+        _inference_cpu(conv, x)
+        and conv.kernel_size[0] == 2 * conv.stride[0]
+        and conv.padding[0] == 0
+        and conv.output_padding[0] == 0
+        and conv.dilation[0] == 1
+        and conv.groups == 1
+    )
 
 
 class NormConvTranspose1d(nn.Module):
@@ -164,8 +337,17 @@ class NormConvTranspose1d(nn.Module):
         self.convtr = cls(in_channels, out_channels, kernel_size, stride)
         self.norm = _norm_module(norm, out_channels)
 
+    #: See :attr:`NormConv1d.allow_reassociation`.
+    allow_reassociation = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.convtr(x))
+        conv = self.convtr
+        if self.allow_reassociation and _fast_transpose_ok(conv, x):
+            weight = conv.normed_weight() if isinstance(conv, _WeightNormMixin) else conv.weight
+            y = conv_transpose1d_double_kernel(x, weight, conv.bias, conv.stride[0])
+        else:
+            y = conv(x)
+        return self.norm(y)
 
 
 # --------------------------------------------------------------------------- padded convs
@@ -190,15 +372,23 @@ class SConv1d(nn.Module):
         self.causal = causal
         self.pad_mode = pad_mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _padding(self, length: int) -> tuple[int, int]:
+        """(left, right) padding of an input of ``length`` samples, as the reference pads."""
         padding_total = (self.kernel_size - 1) * self.dilation - (self.stride - 1)
-        extra = extra_padding_for_conv1d(x.shape[-1], self.kernel_size, self.stride, padding_total)
+        extra = extra_padding_for_conv1d(length, self.kernel_size, self.stride, padding_total)
         if self.causal:
             left, right = padding_total, 0
         else:
             right = padding_total // 2  # odd totals put the extra sample on the left
             left = padding_total - right
-        return self.conv(pad1d(x, left, right + extra, mode=self.pad_mode))
+        return left, right + extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self._padding(x.shape[-1])
+        if left or right:
+            x = pad1d(x, left, right, mode=self.pad_mode)
+        # else (1x1 convs): F.pad would only copy the input
+        return self.conv(x)
 
 
 class SConvTranspose1d(nn.Module):
@@ -233,16 +423,41 @@ class SConvTranspose1d(nn.Module):
         return unpad1d(y, padding_total - right, right)
 
 
+class InferenceLSTM(nn.LSTM):
+    """``nn.LSTM`` (same parameters and state-dict names) that can run at inference with
+    its own thread count: :func:`ecdc.perf.configure_threads` ``lstm_threads`` or the
+    ``ECDC_LSTM_THREADS`` environment variable; by default torch's.
+
+    The LSTM makes one small parallel region per time step, so on a machine whose cores
+    are busy with other work its threads keep waiting for each other, and one thread can
+    be 10-50x faster than two (see :mod:`ecdc.perf`). Its results do not depend on the
+    thread count (checked by tests/test_speed_invariants.py).
+    """
+
+    def forward(self, input, hx=None):  # noqa: A002 - nn.LSTM's signature
+        threads = lstm_threads()
+        if threads is None or torch.is_grad_enabled() or threads == torch.get_num_threads():
+            return super().forward(input, hx)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return super().forward(input, hx)
+        finally:
+            torch.set_num_threads(previous)
+
+
 class SLSTM(nn.Module):
     """Multi-layer LSTM over ``[B, C, T]`` tensors with a residual connection."""
 
     def __init__(self, dimension: int, num_layers: int = 2, skip: bool = True) -> None:
         super().__init__()
         self.skip = skip
-        self.lstm = nn.LSTM(dimension, dimension, num_layers)
+        self.lstm = InferenceLSTM(dimension, dimension, num_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(2, 0, 1)  # [T, B, C], the LSTM's default layout
+        # [T, B, C], the LSTM's default layout, made contiguous (same values; the oneDNN
+        # kernel reads it faster than the permuted view).
+        x = x.permute(2, 0, 1).contiguous()
         y, _ = self.lstm(x)
         if self.skip:
             y = y + x

@@ -111,6 +111,15 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("embed", torch.zeros(codebook_size, dim))
         self.register_buffer("embed_avg", torch.zeros(codebook_size, dim))
+        self._embed_sq_cache: tuple | None = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._embed_sq_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._embed_sq_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of ``x`` ``[N, dim]`` -> ``[N]`` int64.
@@ -120,8 +129,28 @@ class EuclideanCodebook(nn.Module):
         index and files stay bit-identical with Meta's encoder.
         """
         embed_t = self.embed.t()
-        dist = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ embed_t + embed_t.pow(2).sum(0, keepdim=True))
+        if self.training or torch.is_grad_enabled():
+            dist = -(x.pow(2).sum(1, keepdim=True) - 2 * x @ embed_t + embed_t.pow(2).sum(0, keepdim=True))
+            return dist.max(dim=-1).indices
+        # Inference: the same value without the temporaries. With p = (2x) @ e^T,
+        # a = |x|^2 and c = |e|^2, -((a - p) + c) == (p - a) - c exactly (IEEE rounding is
+        # symmetric under negation), so the argmax is the same; |e|^2 is cached.
+        dist = (2 * x) @ embed_t
+        dist.sub_(x.pow(2).sum(1, keepdim=True)).sub_(self._embed_sq())
         return dist.max(dim=-1).indices
+
+    def _embed_sq(self) -> torch.Tensor:
+        """``|e|^2`` per code ``[1, K]``, as in :meth:`encode`, cached while ``embed`` is
+        unchanged (its version counter and storage; training updates bump the counter)."""
+        embed = self.embed
+        key = (id(embed), embed._version, embed.data_ptr(), embed.device, embed.dtype, embed.shape)
+        cached = self._embed_sq_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            sq = embed.t().pow(2).sum(0, keepdim=True)
+        self._embed_sq_cache = (key, sq)
+        return sq
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook vectors for integer ``codes`` of any shape -> ``[*codes.shape, dim]``."""
@@ -274,12 +303,16 @@ class ResidualVectorQuantizer(nn.Module):
         self._check_n_q(n_q)
         if x.dim() != 3 or x.shape[1] != self.dimension:
             raise ValueError(f"expected a latent [B, {self.dimension}, T], got {list(x.shape)}")
-        residual = x
+        # Rows [B * T, D] throughout: the same per-element subtractions as stage-wise
+        # [B, D, T] tensors, without a transpose copy per stage.
+        b, d, t = x.shape
+        residual = x.transpose(1, 2).reshape(b * t, d)
         codes = []
         for layer in self.vq.layers[:n_q]:
-            stage_codes = layer.encode(residual)
-            residual = residual - layer.decode(stage_codes)
-            codes.append(stage_codes)
+            book = layer._codebook
+            stage_codes = book.encode(residual)
+            residual = residual - book.decode(stage_codes)
+            codes.append(stage_codes.view(b, t))
         return torch.stack(codes, dim=1)
 
     def forward(self, x: torch.Tensor, n_q: int) -> QuantizedResult:
@@ -323,7 +356,14 @@ class ResidualVectorQuantizer(nn.Module):
         self._check_n_q(codes.shape[1])
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.bins):
             raise ValueError(f"codes must be in 0..{self.bins - 1}")
-        out = self.vq.layers[0].decode(codes[:, 0])
+        layers = self.vq.layers
+        if torch.is_grad_enabled():
+            out = layers[0].decode(codes[:, 0])
+            for k in range(1, codes.shape[1]):
+                out = out + layers[k].decode(codes[:, k])
+            return out
+        # Same left-to-right sum, accumulated in place in [B, T, D].
+        out = layers[0]._codebook.decode(codes[:, 0])
         for k in range(1, codes.shape[1]):
-            out = out + self.vq.layers[k].decode(codes[:, k])
-        return out
+            out.add_(layers[k]._codebook.decode(codes[:, k]))
+        return out.transpose(1, 2)

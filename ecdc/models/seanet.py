@@ -10,8 +10,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .modules import SConv1d, SConvTranspose1d, SLSTM
+from .modules import (SConv1d, SConvTranspose1d, SLSTM, _inference_cpu, _matmul_2d_3d, _WeightNormMixin,
+                      set_reassociation)
 
 # Fixed by the published architecture; not exposed in EncodecConfig.
 KERNEL_SIZE = 7
@@ -42,7 +44,67 @@ class SEANetResnetBlock(nn.Module):
         self.shortcut = SConv1d(dim, dim, 1, causal=causal, norm=norm, pad_mode=pad_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shortcut(x) + self.block(x)
+        if torch.is_grad_enabled():
+            return self.shortcut(x) + self.block(x)
+        # Inference: the same ops, with the second ELU and the sum done in place on
+        # tensors this block owns (a + b == b + a exactly, so the result is identical).
+        elu1, conv1, elu2, conv2 = self.block
+        h = conv1(F.elu(x, alpha=elu1.alpha))
+        # In place on a fresh tensor: the same memory layout as the reference's
+        # out-of-place ELU, hence the same bits (ELU's vectorised and scalar paths round
+        # differently, so the layout an ELU is computed in matters).
+        h = F.elu_(h, alpha=elu2.alpha)
+        if self.allow_reassociation and _fused_1x1_ok(conv2, self.shortcut, x, h):
+            return _fused_1x1(self.shortcut, x, conv2, h)
+        out = self.shortcut(x)
+        return out.add_(conv2(h))
+
+    #: See :attr:`NormConv1d.allow_reassociation` (set on the decoder's blocks).
+    allow_reassociation = False
+
+
+def _fused_1x1_ok(conv: SConv1d, shortcut: SConv1d, x: torch.Tensor, h: torch.Tensor) -> bool:
+    """Both 1x1 convs of a residual block can be done as two matrix products into one
+    output (plain convs, no normalisation module, inference on CPU)."""
+    for c, inp in ((conv, h), (shortcut, x)):
+        inner = c.conv.conv
+        if (c.kernel_size != 1 or c.stride != 1 or inner.groups != 1 or inner.bias is None
+                or not isinstance(c.conv.norm, nn.Identity) or not _inference_cpu(inner, inp)):
+            return False
+    return True
+
+
+def _fused_1x1(shortcut: SConv1d, x: torch.Tensor, conv: SConv1d, h: torch.Tensor) -> torch.Tensor:
+    """``shortcut(x) + conv(h)`` for 1x1 convs: ``(W_s x + (b_s + b_c)) + W_c h`` with the
+    second product accumulated in place. Equal to the separate convs to float rounding."""
+
+    def weight(c: SConv1d) -> torch.Tensor:
+        inner = c.conv.conv
+        w = inner.normed_weight() if isinstance(inner, _WeightNormMixin) else inner.weight
+        return w.detach()[:, :, 0]
+
+    bias = (shortcut.conv.conv.bias + conv.conv.conv.bias).view(-1, 1)
+    w_s, w_c = weight(shortcut), weight(conv)
+    if x.shape[0] == 1:
+        out = torch.addmm(bias, w_s, x[0])
+        return out.addmm_(w_c, h[0]).unsqueeze(0)
+    out = _matmul_2d_3d(w_s, x).add_(bias)
+    return out.add_(_matmul_2d_3d(w_c, h))
+
+
+def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Apply SEANet ``layers`` in order, like ``nn.Sequential``, with identical results.
+
+    At inference an ELU works in place on the previous layer's fresh output (never on the
+    caller's tensor), saving an allocation and a pass over the activation.
+    """
+    inference = not torch.is_grad_enabled()
+    for i, layer in enumerate(layers):
+        if inference and i > 0 and isinstance(layer, nn.ELU):
+            x = F.elu_(x, alpha=layer.alpha)
+        else:
+            x = layer(x)
+    return x
 
 
 def _check(n_filters: int, ratios: Sequence[int], n_residual_layers: int, lstm_layers: int) -> None:
@@ -85,16 +147,19 @@ class SEANetEncoder(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return run_layers(self.model, x)
 
 
 class SEANetDecoder(nn.Module):
-    """Latent ``[B, dimension, F]`` -> audio ``[B, channels, F * prod(ratios)]`` (untrimmed)."""
+    """Latent ``[B, dimension, F]`` -> audio ``[B, channels, F * prod(ratios)]`` (untrimmed).
+
+    ``exact=False`` allows faster, not bit-exact inference arithmetic (see :meth:`set_exact`).
+    """
 
     def __init__(self, channels: int = 1, dimension: int = 128, n_filters: int = 32,
                  n_residual_layers: int = 1, ratios: Sequence[int] = (8, 5, 4, 2),
                  norm: str = "weight_norm", causal: bool = False, lstm_layers: int = 2,
-                 pad_mode: str = "reflect", trim_right_ratio: float = 1.0) -> None:
+                 pad_mode: str = "reflect", trim_right_ratio: float = 1.0, exact: bool = True) -> None:
         super().__init__()
         _check(n_filters, ratios, n_residual_layers, lstm_layers)
         self.channels = channels
@@ -117,6 +182,13 @@ class SEANetDecoder(nn.Module):
                 layers.append(SEANetResnetBlock(width, dilation=DILATION_BASE ** j, **conv_kw))
         layers += [_elu(), SConv1d(n_filters, channels, LAST_KERNEL_SIZE, **conv_kw)]
         self.model = nn.Sequential(*layers)
+        self.set_exact(exact)
+
+    def set_exact(self, exact: bool = True) -> None:
+        """``exact``: the reference's arithmetic, bit for bit. Otherwise inference on CPU
+        uses faster formulations of the same sums (transposed convs as one matrix product,
+        fused 1x1 convs), equal to the exact output to float rounding (~1e-7 relative)."""
+        set_reassociation(self, not exact)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(z)
+        return run_layers(self.model, z)
