@@ -7,12 +7,12 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Optional
+from typing import Callable, NoReturn, Optional, Sequence, Tuple
 
 import click
 
-from . import __version__, audio
-from .codec import STEREO_CHOICES, Codec, EncodedAudio, atomic_output, load_model, load_model_for
+from . import __version__, batch
+from .codec import STEREO_CHOICES, Codec, EncodedAudio, load_model
 from .container import StereoMode
 from .errors import EcdcError
 
@@ -36,7 +36,8 @@ def _report_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        where = kwargs.get("input_path") or ""
+        inputs = kwargs.get("inputs") or (kwargs.get("input_path"),)
+        where = inputs[0] if len(inputs) == 1 and inputs[0] else ""
         try:
             return func(*args, **kwargs)
         except CliError as exc:
@@ -53,7 +54,7 @@ def _report_errors(func: Callable) -> Callable:
             _print_error(getattr(exc, "filename", None) or where, exc.strerror or str(exc))
         except KeyboardInterrupt:
             click.echo("ecdc: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(batch.EXIT_INTERRUPTED)
         sys.exit(1)
 
     return wrapper
@@ -92,7 +93,7 @@ def _check_input(input_path: str) -> None:
     if not os.path.exists(input_path):
         _fail(input_path, "no such file")
     if os.path.isdir(input_path):
-        _fail(input_path, "is a directory")
+        _fail(input_path, "is a directory (use -r to convert the files in it)")
     if not os.access(input_path, os.R_OK):
         _fail(input_path, "permission denied")
 
@@ -102,17 +103,6 @@ def _read_input_bytes(input_path: str) -> bytes:
         return sys.stdin.buffer.read()
     with open(input_path, "rb") as f:
         return f.read()
-
-
-def _write_output(output: str, write: Callable[[io.BufferedIOBase], None]) -> None:
-    if output == STDIO:
-        buf = io.BytesIO()
-        write(buf)
-        sys.stdout.buffer.write(buf.getvalue())
-        sys.stdout.buffer.flush()
-        return
-    with atomic_output(output) as out:
-        write(out)
 
 
 def _load(model: Optional[str], checkpoint: Optional[str], device: str) -> Codec:
@@ -145,7 +135,6 @@ checkpoint_option = click.option("--checkpoint", metavar="PATH", type=click.Path
 device_option = click.option("--device", default="auto", show_default=True,
                              type=click.Choice(["auto", "cpu", "cuda"]),
                              help="Where to run the model; auto uses CUDA when available.")
-force_option = click.option("-f", "--force", is_flag=True, help="Overwrite an existing output file.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,9 +149,20 @@ def main() -> None:
     """
 
 
+recursive_option = click.option("-r", "--recursive", is_flag=True,
+                                 help="Convert the files in directory INPUTs, recursing into subdirectories.")
+jobs_option = click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), metavar="N",
+                           help="Convert N files at a time (processes sharing the CPU cores).")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+force_option = click.option("-f", "--force", is_flag=True,
+                                  help="Overwrite existing outputs (with several inputs they are skipped otherwise).")
+
+
 @main.command()
-@click.argument("input_path", metavar="INPUT")
-@click.option("-o", "--output", metavar="OUTPUT", help="Output file (default: INPUT with suffix .ecdc; - for stdout).")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option("-o", "--output", metavar="OUTPUT",
+              help="Output file (- for stdout), or the directory for several inputs "
+                   "(default: beside each input, suffix .ecdc; stdout for stdin).")
 @click.option("-b", "--bandwidth", default=6.0, show_default=True, type=float, metavar="KBPS",
               help="Target bitrate in kbps. 24 kHz models: 1.5, 3, 6, 12, 24 (2, 4, 8, 16, 32 codebooks).")
 @model_option
@@ -171,50 +171,81 @@ def main() -> None:
               help="Multi-channel input with a mono model: downmix (default) or dual (each channel coded, 2x bits).")
 @device_option
 @force_option
+@recursive_option
+@jobs_option
+@quiet_option
 @_report_errors
-def compress(input_path: str, output: Optional[str], bandwidth: float, model: Optional[str],
-             checkpoint: Optional[str], stereo: Optional[str], device: str, force: bool) -> None:
-    """Compress an audio file (wav, flac, ogg, ...; - for stdin) to .ecdc."""
-    if output is None:
-        output = STDIO if input_path == STDIO else str(Path(input_path).with_suffix(".ecdc"))
-    _check_input(input_path)
-    _check_output(input_path, output, force)
-    codec = _load(model, checkpoint, device)
+def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, model: Optional[str],
+             checkpoint: Optional[str], stereo: Optional[str], device: str, force: bool, recursive: bool,
+             jobs: int, quiet: bool) -> None:
+    """Compress audio files (wav, flac, ogg, ...; - for stdin) or directories (-r) to .ecdc."""
+    options = batch.CompressOptions(bandwidth, stereo)
+    choice = batch.ModelChoice(model, checkpoint, device)
+    single = not batch.is_batch(inputs, recursive)
+    if single:
+        src = inputs[0]
+        dst = batch.single_output(src, output, batch.ECDC_EXTENSION)
+        _check_input(src)
+        _check_output(src, dst, force)
+    codec = _load(model, checkpoint, device)  # once, before any worker starts (downloads too)
     codec.model.num_codebooks(bandwidth)  # reject a bad -b before reading any audio
-    try:
-        if input_path == STDIO:
-            wav, rate = audio.read_audio_bytes(_read_input_bytes(STDIO))
-        else:
-            wav, rate = audio.read_audio(input_path)
-    except EcdcError as exc:
-        _fail(input_path, str(exc))
-    encoded = codec.encode(wav, rate, bandwidth, stereo)
-    _write_output(output, encoded.write)
+    cache = batch.CodecCache(choice, preloaded=codec)
+    if single:
+        with batch.interrupts_as_keyboard():
+            batch.convert_single(batch.COMPRESS, cache, src, dst, options, quiet)
+        return
+    _run_batch(batch.COMPRESS, inputs, output, recursive, force, options, choice, jobs, quiet, cache)
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT")
-@click.option("-o", "--output", metavar="OUTPUT", help="Output wav (default: INPUT with suffix .wav; - for stdout).")
+@click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
+@click.option("-o", "--output", metavar="OUTPUT",
+              help="Output file (- for stdout), or the directory for several inputs "
+                   "(default: beside each input, suffix .wav, or .raw with --raw; stdout for stdin).")
 @click.option("--rate", "sample_rate", type=click.IntRange(1000, 768000), metavar="HZ",
               help="Output sample rate (default: the original input's).")
 @click.option("--channels", type=click.IntRange(1, 64), metavar="N",
               help="Output channel count (default: the original input's).")
+@click.option("--raw", is_flag=True, help="Write headerless 16-bit little-endian PCM (s16le) instead of wav.")
 @model_option
 @checkpoint_option
 @device_option
 @force_option
+@recursive_option
+@jobs_option
+@quiet_option
 @_report_errors
-def decompress(input_path: str, output: Optional[str], sample_rate: Optional[int], channels: Optional[int],
-               model: Optional[str], checkpoint: Optional[str], device: str, force: bool) -> None:
-    """Decompress a .ecdc file (ecdc's or Meta's; - for stdin) to a 16-bit wav."""
-    if output is None:
-        output = STDIO if input_path == STDIO else str(Path(input_path).with_suffix(".wav"))
-    _check_input(input_path)
-    _check_output(input_path, output, force)
-    encoded = EncodedAudio.from_bytes(_read_input_bytes(input_path))
-    codec = load_model_for(encoded.header, model, checkpoint, device, progress=_download_progress())
-    wav, rate = codec.decode(encoded, sample_rate, channels)
-    _write_output(output, lambda out: audio.write_audio(out, wav, rate))
+def decompress(inputs: Tuple[str, ...], output: Optional[str], sample_rate: Optional[int], channels: Optional[int],
+               raw: bool, model: Optional[str], checkpoint: Optional[str], device: str, force: bool,
+               recursive: bool, jobs: int, quiet: bool) -> None:
+    """Decompress .ecdc files (ecdc's or Meta's; - for stdin) or directories (-r) to 16-bit wav."""
+    options = batch.DecompressOptions(sample_rate, channels, raw)
+    choice = batch.ModelChoice(model, checkpoint, device)
+    cache = batch.CodecCache(choice, progress=_download_progress())
+    if not batch.is_batch(inputs, recursive):
+        src = inputs[0]
+        dst = batch.single_output(src, output, options.suffix)
+        _check_input(src)
+        _check_output(src, dst, force)
+        with batch.interrupts_as_keyboard():
+            batch.convert_single(batch.DECOMPRESS, cache, src, dst, options, quiet)
+        return
+    if choice.named:
+        cache.default()  # load (and download) once, and fail early on a bad --model
+    _run_batch(batch.DECOMPRESS, inputs, output, recursive, force, options, choice, jobs, quiet, cache)
+
+
+def _run_batch(kind: str, inputs: Sequence[str], output: Optional[str], recursive: bool, force: bool,
+               options: batch.Options, choice: batch.ModelChoice, jobs: int, quiet: bool,
+               cache: batch.CodecCache) -> NoReturn:
+    if output == STDIO:
+        _fail(STDIO, "-o - (stdout) takes a single input file")
+    plan = batch.plan_batch(kind, inputs, output, recursive, force, options)
+    with batch.interrupts_as_keyboard():
+        summary = batch.run_batch(kind, plan, choice, options, jobs, quiet, codecs=cache)
+    if not quiet:
+        click.echo(summary.line(), err=True)
+    sys.exit(1 if summary.failed else 0)
 
 
 @main.command()

@@ -8,20 +8,24 @@ the header what is needed to give the user back what went in.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import soxr
 import torch
 
 from . import audio
 from .container import CodeChunk, EcdcHeader, EcdcReader, EcdcWriter, StereoMode
-from .errors import EcdcError, FormatError, ModelError
+from .errors import AudioError, FormatError, ModelError
 from .models.encodec import EncodecModel, EncodedSegment
+from .models.streaming import StreamingDecoder, StreamingEncoder
+from .wavstream import ArraySource, AudioSource, WavStreamWriter, open_audio_file
 from .weights import DEFAULT_MODEL, available_models, load_weights
 
 STEREO_CHOICES = ("downmix", "dual")
@@ -79,8 +83,40 @@ class EncodedAudio:
         return self.num_samples / self.header.sample_rate
 
 
+ProgressFn = Callable[[float], None]
+"""Called with the seconds of audio just processed (an increment), for progress bars."""
+
+
+@dataclass
+class StreamResult:
+    """What a streamed compression wrote: its header and the lengths its end marker holds."""
+
+    header: EcdcHeader
+    num_samples: int
+    original_samples: int
+    chunks: int
+
+    @property
+    def duration(self) -> float:
+        return self.original_samples / self.header.original_sample_rate
+
+
+@dataclass
+class _Totals:
+    """Last item of :meth:`Codec._encode_events`: the lengths for the end marker."""
+
+    num_samples: int
+    original_samples: int
+
+
 class Codec:
-    """A loaded model plus the conversions that turn any audio into its codes and back."""
+    """A loaded model plus the conversions that turn any audio into its codes and back.
+
+    Everything streams: audio is read, mixed, resampled (streaming libsoxr) and encoded a
+    block at a time, and decoded the same way, so memory does not grow with the input.
+    The in-memory :meth:`encode`/:meth:`decode` run the same pipeline, so they give
+    exactly the codes and samples that :meth:`compress_stream`/:meth:`decode_blocks` do.
+    """
 
     def __init__(self, model: EncodecModel, fingerprint: bytes, device: Union[str, torch.device] = "cpu"):
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -103,6 +139,8 @@ class Codec:
     def bandwidths(self) -> Tuple[float, ...]:
         return tuple(self.model.bandwidths)
 
+    # -- encoding -------------------------------------------------------------------
+
     def encode(self, wav: np.ndarray, sample_rate: int, bandwidth: float = 6.0,
                stereo: Optional[str] = None) -> EncodedAudio:
         """Encode ``[C, T]`` (or ``[T]``) float audio at any rate and channel count.
@@ -111,21 +149,40 @@ class Codec:
         codes the mean, ``dual`` codes the first two channels (after mixing more down to
         two) separately at twice the bitrate.
         """
-        wav = np.asarray(wav, dtype=np.float32)
-        if wav.ndim == 1:
-            wav = wav[None]
-        if wav.ndim != 2:
-            raise ValueError(f"audio must be [channels, samples], got shape {wav.shape}")
-        if not np.isfinite(wav).all():
-            raise EcdcError("audio contains NaN or infinite samples")
+        source = ArraySource(wav, int(sample_rate))
+        header: Optional[EcdcHeader] = None
+        chunks: List[CodeChunk] = []
+        totals = _Totals(0, 0)
+        for item in self._encode_events(source, bandwidth, stereo):
+            if isinstance(item, EcdcHeader):
+                header = item
+            elif isinstance(item, CodeChunk):
+                chunks.append(item)
+            else:
+                totals = item
+        # In memory the length is known, so the header carries it too.
+        header = dataclasses.replace(header, num_samples=totals.num_samples)
+        return EncodedAudio(header, chunks, totals.num_samples, totals.original_samples)
+
+    def compress_stream(self, source: AudioSource, out: BinaryIO, bandwidth: float = 6.0,
+                        stereo: Optional[str] = None, progress: Optional[ProgressFn] = None) -> StreamResult:
+        """Encode ``source`` block by block into a .ecdc stream written to ``out``.
+
+        The header goes out first (its sample count "unknown"; the end marker carries it)
+        and every chunk is written and flushed as soon as its frames are coded, so ``out``
+        can be a pipe that a reader consumes while the input is still arriving.
+        """
+        return _write_stream(self._encode_events(source, bandwidth, stereo, progress), out)
+
+    def _encode_events(self, source: AudioSource, bandwidth: float, stereo: Optional[str],
+                       progress: Optional[ProgressFn] = None) -> Iterator[Union[EcdcHeader, CodeChunk, _Totals]]:
+        """The one encoding pipeline: yields the header, then code chunks, then the totals."""
         num_codebooks = self.model.num_codebooks(bandwidth)
-        original_channels = wav.shape[0]
-        mode, coded = self._layout(wav, stereo)
-        coded = audio.resample(coded, int(sample_rate), self.sample_rate)
-        num_samples = coded.shape[-1]
-        # DUAL codes each channel as its own batch item through the mono model.
-        batch = coded[:, None, :] if mode == StereoMode.DUAL else coded[None]
-        header = EcdcHeader(
+        in_rate = int(source.sample_rate)
+        if in_rate <= 0:
+            raise AudioError(f"invalid sample rate {in_rate}")
+        mode, coded_channels = self._layout(source.channels, stereo)
+        yield EcdcHeader(
             model_name=self.name,
             weights_fingerprint=self.fingerprint,
             sample_rate=self.sample_rate,
@@ -138,31 +195,150 @@ class Codec:
             segment_length=self.model.segment_length or 0,
             segment_stride=self.model.segment_stride or 0,
             has_scale=bool(self.model.config.normalize),
-            num_samples=num_samples,
-            original_sample_rate=int(sample_rate),
-            original_channels=original_channels,
+            num_samples=None,
+            original_sample_rate=in_rate,
+            original_channels=source.channels,
         )
-        chunks: List[CodeChunk] = []
-        if num_samples:
+        resampler = None
+        if in_rate != self.sample_rate:
+            resampler = soxr.ResampleStream(in_rate, self.sample_rate, coded_channels,
+                                            dtype="float32", quality="HQ")
+        encoder = None
+        chunker = _Chunker(max(1, int(np.ceil(self.model.frame_rate))), self.model.segment_length is not None)
+        original = total = 0
+
+        def feed(coded: np.ndarray) -> Iterator[CodeChunk]:
+            nonlocal encoder, total
+            if not coded.shape[-1]:
+                return
+            total += coded.shape[-1]
+            # DUAL codes each channel as its own batch item through the mono model.
+            batch = coded[:, None, :] if mode == StereoMode.DUAL else coded[None]
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             with torch.inference_mode():
-                x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-                segments = self.model.encode(x, bandwidth)
-            chunks = list(self._chunks(segments))
-        return EncodedAudio(header, chunks, num_samples, original_samples=wav.shape[-1])
+                if encoder is None:
+                    encoder = StreamingEncoder(self.model, num_codebooks)
+                segments = encoder.push(x)
+            yield from chunker.add(segments)
+
+        for block in source.blocks():
+            if block.shape[0] != source.channels:
+                raise AudioError(f"audio block has {block.shape[0]} channels, expected {source.channels}")
+            audio.check_finite(block, in_rate, offset=original)
+            original += block.shape[-1]
+            coded = block if coded_channels == block.shape[0] else audio.to_channels(block, coded_channels)
+            if resampler is not None:
+                coded = _resample_chunk(resampler, coded, last=False)
+            yield from feed(coded)
+            if progress is not None:
+                progress(block.shape[-1] / in_rate)
+        if resampler is not None and original:
+            yield from feed(_resample_chunk(resampler, np.zeros((coded_channels, 0), np.float32), last=True))
+        if encoder is not None:
+            with torch.inference_mode():
+                segments = encoder.flush()
+            yield from chunker.add(segments)
+        yield from chunker.flush()
+        yield _Totals(total, original)
+
+    # -- decoding -------------------------------------------------------------------
+
+    def output_format(self, header: EcdcHeader, sample_rate: Optional[int] = None,
+                      channels: Optional[int] = None) -> Tuple[int, int]:
+        """(rate, channels) a decode gives: the original input's unless overridden."""
+        rate = int(sample_rate or header.original_sample_rate or header.sample_rate)
+        chans = int(channels or header.original_channels or header.channels)
+        return rate, chans
 
     def decode(self, encoded: EncodedAudio, sample_rate: Optional[int] = None,
                channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
         """Decode to ``[C, T]`` float32 at the original rate and channel count (or those given)."""
-        header = encoded.header
+        rate, chans = self.output_format(encoded.header, sample_rate, channels)
+        blocks = list(self.decode_blocks(encoded, sample_rate, channels))
+        if not blocks:
+            return np.zeros((chans, 0), dtype=np.float32), rate
+        return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32), rate
+
+    def decode_blocks(self, encoded: Union[EcdcReader, EncodedAudio], sample_rate: Optional[int] = None,
+                      channels: Optional[int] = None, progress: Optional[ProgressFn] = None) -> Iterator[np.ndarray]:
+        """Decode chunk by chunk, yielding ``[C, n]`` float32 blocks in :meth:`output_format`.
+
+        With an :class:`EcdcReader` the file is read as it is decoded (a pipe works): the
+        last hop of samples is held back until the end marker gives the exact length, and
+        the output is fitted to exactly the input's original length (scaled to
+        ``sample_rate`` when that differs), as a whole-file decode would be.
+        """
+        if isinstance(encoded, EcdcReader):
+            reader = encoded
+            header, chunks = reader.header, iter(reader)
+
+            def lengths() -> Tuple[Optional[int], Optional[int]]:
+                return reader.total_samples, reader.original_samples
+        else:
+            header, chunks = encoded.header, iter(encoded.chunks)
+
+            def lengths() -> Tuple[Optional[int], Optional[int]]:
+                return encoded.num_samples, encoded.original_samples
+        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress)
+
+    def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[CodeChunk],
+                       lengths: Callable[[], Tuple[Optional[int], Optional[int]]],
+                       sample_rate: Optional[int], channels: Optional[int],
+                       progress: Optional[ProgressFn]) -> Iterator[np.ndarray]:
         self.check_compatible(header)
-        out_rate = int(sample_rate or header.original_sample_rate or header.sample_rate)
-        out_channels = int(channels or header.original_channels or header.channels)
-        wav = self._decode_model_rate(encoded)
-        wav = audio.resample(wav, header.sample_rate, out_rate)
-        if encoded.original_samples is not None and header.original_sample_rate:
+        out_rate, out_channels = self.output_format(header, sample_rate, channels)
+        coded_channels = header.channels * header.streams
+        hop = header.hop_length
+        resampler = None
+        if out_rate != header.sample_rate:
+            resampler = soxr.ResampleStream(header.sample_rate, out_rate, coded_channels,
+                                            dtype="float32", quality="HQ")
+        fitter = _LengthFitter(coded_channels, margin=max(64, 4 * -(-out_rate // header.sample_rate)))
+        decoder = None
+        held = np.zeros((coded_channels, 0), dtype=np.float32)  # model-rate audio not yet final
+        released = 0  # model-rate samples passed on
+
+        def stage(wav: np.ndarray, last: bool) -> Iterator[np.ndarray]:
+            if resampler is not None and (wav.shape[-1] or last):
+                wav = _resample_chunk(resampler, wav, last)
+            for piece in fitter.push(wav):
+                yield audio.to_channels(piece, out_channels)
+
+        seconds_per_chunk = (header.segment_stride / header.sample_rate) if header.segmented else None
+        for chunk in chunks:
+            if decoder is None:
+                decoder = StreamingDecoder(self.model)
+            with torch.inference_mode():
+                out = decoder.push(self._segment(chunk.codes, chunk.scale))
+            held = np.concatenate([held, _flat(out)], axis=1)
+            ready = held.shape[1] - hop  # the last hop may lie past the end
+            if ready > 0:
+                yield from stage(held[:, :ready], last=False)
+                released += ready
+                held = held[:, ready:]
+            if progress is not None:
+                progress(seconds_per_chunk or chunk.codes.shape[-1] * hop / header.sample_rate)
+        total, original = lengths()
+        if total is None:  # pragma: no cover - the reader raises before this
+            raise FormatError(".ecdc stream ended without an end marker")
+        if decoder is not None:
+            with torch.inference_mode():
+                held = np.concatenate([held, _flat(decoder.flush())], axis=1)
+        elif total:
+            raise FormatError(f"file claims {total} samples but holds no audio frames")
+        available = released + held.shape[1]
+        if total > available:
+            raise FormatError(f"file claims {total} samples but its frames decode to only {available}")
+        if total < released:
+            raise FormatError(f"file claims {total} samples but its frames decode to at least {released}")
+        if original is not None and header.original_sample_rate:
             # Give back exactly as many samples as went in (resampling can be off by one).
-            wav = audio.fit_length(wav, round(encoded.original_samples * out_rate / header.original_sample_rate))
-        return audio.to_channels(wav, out_channels), out_rate
+            fitter.target = round(original * out_rate / header.original_sample_rate)
+        yield from stage(held[:, :total - released], last=True)
+        for piece in fitter.finish():
+            yield audio.to_channels(piece, out_channels)
+
+    # -- bytes ------------------------------------------------------------------------
 
     def compress(self, wav: np.ndarray, sample_rate: int, bandwidth: float = 6.0,
                  stereo: Optional[str] = None) -> bytes:
@@ -201,53 +377,24 @@ class Codec:
 
     # -- internals ------------------------------------------------------------------
 
-    def _layout(self, wav: np.ndarray, stereo: Optional[str]) -> Tuple[StereoMode, np.ndarray]:
+    def _layout(self, channels: int, stereo: Optional[str]) -> Tuple[StereoMode, int]:
+        """How ``channels`` input channels are coded: the mode and the channels fed to the model."""
         if stereo is not None and stereo not in STEREO_CHOICES:
             raise ModelError(f"unknown stereo mode {stereo!r} (use {' or '.join(STEREO_CHOICES)})")
+        if channels < 1:
+            raise AudioError(f"invalid channel count {channels}")
         if self.channels > 1:
             if stereo == "dual":
                 raise ModelError(f"--stereo dual is for mono models; {self.name!r} codes "
                                  f"{self.channels} channels jointly")
-            return StereoMode.JOINT, audio.to_channels(wav, self.channels)
-        if wav.shape[0] == 1:
-            return StereoMode.MONO, wav
+            return StereoMode.JOINT, self.channels
+        if channels == 1:
+            return StereoMode.MONO, 1
         if stereo == "dual":
             if self.model.config.normalize:
                 raise ModelError(f"--stereo dual is not available for {self.name!r} (per-segment scaling)")
-            return StereoMode.DUAL, audio.to_channels(wav, 2)
-        return StereoMode.DOWNMIX, audio.to_channels(wav, 1)
-
-    def _chunks(self, segments: Sequence[EncodedSegment]) -> Iterator[CodeChunk]:
-        """One chunk per model segment; unsegmented models are cut into ~1 s chunks."""
-        per_chunk = max(1, int(np.ceil(self.model.frame_rate)))
-        for seg in segments:
-            codes = seg.codes.to("cpu").numpy().astype(np.uint16)
-            if seg.scale is not None:
-                yield CodeChunk(codes, float(seg.scale.reshape(-1)[0]))
-                continue
-            for start in range(0, codes.shape[-1], per_chunk):
-                yield CodeChunk(np.ascontiguousarray(codes[..., start:start + per_chunk]))
-
-    def _decode_model_rate(self, encoded: EncodedAudio) -> np.ndarray:
-        header = encoded.header
-        total = encoded.num_samples
-        streams = 2 if header.stereo_mode == StereoMode.DUAL else 1
-        if not encoded.chunks:
-            if total:
-                raise FormatError(f"file claims {total} samples but holds no audio frames")
-            return np.zeros((header.channels * streams, 0), dtype=np.float32)
-        if header.has_scale:
-            segments = [self._segment(c.codes, c.scale) for c in encoded.chunks]
-        else:
-            codes = np.concatenate([c.codes for c in encoded.chunks], axis=-1)
-            segments = [self._segment(codes, None)]
-        with torch.inference_mode():
-            out = self.model.decode(segments).to("cpu").numpy()
-        if out.shape[-1] < total:
-            raise FormatError(f"file claims {total} samples but its frames decode to only {out.shape[-1]}")
-        out = out[..., :total]
-        # [B, C, T] -> [channels, T]; DUAL stacks the two mono streams.
-        return np.ascontiguousarray(out.reshape(-1, out.shape[-1]), dtype=np.float32)
+            return StereoMode.DUAL, 2
+        return StereoMode.DOWNMIX, 1
 
     def _segment(self, codes: np.ndarray, scale: Optional[float]) -> EncodedSegment:
         tensor = torch.from_numpy(codes.astype(np.int64)).to(self.device)
@@ -255,6 +402,117 @@ class Codec:
         if scale is not None:
             scale_t = torch.full((codes.shape[0],), float(scale), dtype=torch.float32, device=self.device)
         return EncodedSegment(tensor, scale_t)
+
+
+class _Chunker:
+    """Cuts the encoder's output into container chunks, as the whole-file path always has.
+
+    Segmented models: one chunk per segment (with its scale). Unsegmented ones: runs of
+    frames regrouped into chunks of ``per_chunk`` frames (about one second).
+    """
+
+    def __init__(self, per_chunk: int, segmented: bool):
+        self.per_chunk = per_chunk
+        self.segmented = segmented
+        self._codes: List[np.ndarray] = []
+        self._frames = 0
+
+    def add(self, segments: Sequence[EncodedSegment]) -> Iterator[CodeChunk]:
+        for seg in segments:
+            codes = seg.codes.to("cpu").numpy().astype(np.uint16)
+            if self.segmented:
+                scale = None if seg.scale is None else float(seg.scale.reshape(-1)[0])
+                yield CodeChunk(np.ascontiguousarray(codes), scale)
+                continue
+            if not codes.shape[-1]:
+                continue
+            self._codes.append(codes)
+            self._frames += codes.shape[-1]
+            if self._frames >= self.per_chunk:
+                yield from self._cut(final=False)
+
+    def flush(self) -> Iterator[CodeChunk]:
+        return self._cut(final=True)
+
+    def _cut(self, final: bool) -> Iterator[CodeChunk]:
+        if not self._codes:
+            return
+        codes = np.concatenate(self._codes, axis=-1) if len(self._codes) > 1 else self._codes[0]
+        n = codes.shape[-1]
+        full = n - n % self.per_chunk if not final else n
+        for start in range(0, full, self.per_chunk):
+            yield CodeChunk(np.ascontiguousarray(codes[..., start:min(start + self.per_chunk, full)]))
+        rest = codes[..., full:]
+        self._codes = [rest] if rest.shape[-1] else []
+        self._frames = rest.shape[-1]
+
+
+class _LengthFitter:
+    """Passes audio through, holding back the tail until the exact output length is known.
+
+    Once ``target`` is set (at the end), the output is trimmed or zero-padded to exactly
+    that many samples; without a target everything passes unchanged.
+    """
+
+    def __init__(self, channels: int, margin: int):
+        self.channels = channels
+        self.margin = margin
+        self.target: Optional[int] = None
+        self._held = np.zeros((channels, 0), dtype=np.float32)
+        self._emitted = 0
+
+    def push(self, wav: np.ndarray) -> Iterator[np.ndarray]:
+        if not wav.shape[-1]:
+            return
+        held = np.concatenate([self._held, wav], axis=1) if self._held.shape[1] else wav
+        ready = held.shape[1] - self.margin
+        if ready > 0:
+            self._emitted += ready
+            yield held[:, :ready]
+            held = held[:, ready:]
+        self._held = held
+
+    def finish(self) -> Iterator[np.ndarray]:
+        held = self._held
+        self._held = np.zeros((self.channels, 0), dtype=np.float32)
+        if self.target is not None:
+            held = audio.fit_length(held, max(0, self.target - self._emitted))
+        if held.shape[1]:
+            self._emitted += held.shape[1]
+            yield held
+
+
+def _write_stream(events: Iterator[Union[EcdcHeader, CodeChunk, _Totals]], out: BinaryIO,
+                  keep: Optional[List[CodeChunk]] = None) -> StreamResult:
+    """Write the encoder's events as a .ecdc stream, flushing each chunk as it comes."""
+    writer: Optional[EcdcWriter] = None
+    result: Optional[StreamResult] = None
+    flush = getattr(out, "flush", None)
+    for item in events:
+        if isinstance(item, EcdcHeader):
+            writer = EcdcWriter(out, item)
+        elif isinstance(item, CodeChunk):
+            writer.write_chunk(item)
+            if keep is not None:
+                keep.append(item)
+        else:
+            writer.finish(item.num_samples, item.original_samples)
+            result = StreamResult(writer.header, item.num_samples, item.original_samples, writer.chunks_written)
+        if flush is not None:
+            flush()
+    return result
+
+
+def _resample_chunk(resampler: "soxr.ResampleStream", wav: np.ndarray, last: bool) -> np.ndarray:
+    """Streaming libsoxr on ``[C, n]`` audio; bit-identical to resampling it whole."""
+    out = resampler.resample_chunk(np.ascontiguousarray(wav.T, dtype=np.float32), last=last)
+    return np.ascontiguousarray(np.asarray(out, dtype=np.float32).reshape(-1, wav.shape[0]).T)
+
+
+def _flat(out: torch.Tensor) -> np.ndarray:
+    """Decoder output ``[B, C, n]`` -> ``[B*C, n]`` float32 (DUAL stacks the two streams)."""
+    arr = out.to("cpu").numpy()
+    return np.ascontiguousarray(arr.reshape(arr.shape[0] * arr.shape[1], arr.shape[-1]), dtype=np.float32)
 
 
 # -- loading ------------------------------------------------------------------------
@@ -333,22 +591,31 @@ def atomic_output(path: Union[str, Path]) -> Iterator[BinaryIO]:
 
 def compress_file(src: Union[str, Path], dst: Union[str, Path], model: Union[None, str, Codec] = None,
                   bandwidth: float = 6.0, stereo: Optional[str] = None) -> EncodedAudio:
-    """Compress an audio file to a .ecdc file (written atomically)."""
+    """Compress an audio file to a .ecdc file (streamed, written atomically).
+
+    Returns what was written; its chunks are kept in memory for the caller (codes are
+    about 0.1 % of the PCM size), the audio never is.
+    """
     codec = model if isinstance(model, Codec) else load_model(model)
-    wav, rate = audio.read_audio(str(src))
-    encoded = codec.encode(wav, rate, bandwidth, stereo)
-    with atomic_output(dst) as out:
-        encoded.write(out)
-    return encoded
+    chunks: List[CodeChunk] = []
+    with open_audio_file(str(src)) as source, atomic_output(dst) as out:
+        result = _write_stream(codec._encode_events(source, bandwidth, stereo), out, keep=chunks)
+    return EncodedAudio(result.header, chunks, result.num_samples, result.original_samples)
 
 
 def decompress_file(src: Union[str, Path], dst: Union[str, Path], model: Union[None, str, Codec] = None,
                     sample_rate: Optional[int] = None, channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """Decompress a .ecdc file to a 16-bit wav (written atomically)."""
+    """Decompress a .ecdc file to a 16-bit wav (streamed, written atomically); returns the audio too."""
     with open(src, "rb") as f:
-        encoded = EncodedAudio.read(f)
-    codec = model if isinstance(model, Codec) else load_model_for(encoded.header, model)
-    wav, rate = codec.decode(encoded, sample_rate, channels)
-    with atomic_output(dst) as out:
-        audio.write_audio(out, wav, rate)
+        reader = EcdcReader(f)
+        codec = model if isinstance(model, Codec) else load_model_for(reader.header, model)
+        rate, chans = codec.output_format(reader.header, sample_rate, channels)
+        blocks: List[np.ndarray] = []
+        with atomic_output(dst) as out:
+            sink = WavStreamWriter(out, rate, chans)
+            for block in codec.decode_blocks(reader, sample_rate, channels):
+                sink.write(block)
+                blocks.append(block)
+            sink.close()
+    wav = np.concatenate(blocks, axis=1) if blocks else np.zeros((chans, 0), dtype=np.float32)
     return wav, rate

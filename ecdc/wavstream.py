@@ -1,0 +1,489 @@
+"""Audio that streams: block sources for compression and a WAV writer for decompression.
+
+Compression reads its input a block at a time so memory does not grow with the input:
+files through ``soundfile.SoundFile.blocks`` (any format libsndfile reads, seekable),
+pipes through :class:`WavStreamReader`, which parses a WAV header from a non-seekable
+stream (the sizes may be unknown, as ffmpeg and sox write them to pipes) and hands out
+samples as they arrive. Only WAV streams incrementally from a pipe; anything else on
+stdin (flac, ogg, ...) is read whole into memory and decoded from there, because
+libsndfile needs to seek in those formats.
+
+Decompression writes through :class:`WavStreamWriter`: 16-bit WAV (or raw s16le) whose
+header goes out first with the sizes marked unknown, so a reader downstream can start at
+once; on a seekable output the sizes are patched in at the end.
+
+Audio is ``[channels, samples]`` float32 throughout, as in :mod:`ecdc.audio`. Integer
+samples are converted exactly as libsndfile converts them, so a WAV streamed through a
+pipe gives the same codes as the same file read from disk.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+from typing import BinaryIO, Iterator, List, Optional, Tuple
+
+import numpy as np
+import soundfile
+
+from . import audio
+from .errors import AudioError
+
+__all__ = [
+    "AudioSource",
+    "ArraySource",
+    "SoundFileSource",
+    "WavStreamReader",
+    "WavStreamWriter",
+    "open_audio_file",
+    "open_audio_stream",
+]
+
+#: Frames per block read from files (about 1.4 s at 48 kHz).
+BLOCK_FRAMES = 65536
+
+_UNKNOWN_32 = 0xFFFFFFFF
+_TAG_PCM = 0x0001
+_TAG_FLOAT = 0x0003
+_TAG_EXTENSIBLE = 0xFFFE
+# The tail of every WAVE_FORMAT_EXTENSIBLE sub-format GUID; its first 2 bytes are the tag.
+_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
+# Chunks before 'data' larger than this are refused (a corrupt size, not metadata).
+_MAX_SKIP = 1 << 30
+# Largest fmt/ds64 chunk parsed into memory.
+_MAX_FMT = 1 << 16
+
+
+class AudioSource:
+    """Audio that arrives in blocks: rate and channel count up front, samples as they come.
+
+    ``frames`` is the length when the source knows it (a file), None for a stream.
+    """
+
+    sample_rate: int
+    channels: int
+    frames: Optional[int] = None
+    _owned: Optional[BinaryIO] = None  # a file this source opened and must close
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Yield ``[channels, n]`` float32 blocks (n > 0) until the input ends."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the underlying file (not stdin)."""
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
+
+    def __enter__(self) -> "AudioSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ArraySource(AudioSource):
+    """In-memory audio as a source, cut into blocks like a file would be."""
+
+    def __init__(self, wav: np.ndarray, sample_rate: int, block_frames: int = BLOCK_FRAMES):
+        wav = np.asarray(wav, dtype=np.float32)
+        if wav.ndim == 1:
+            wav = wav[None]
+        if wav.ndim != 2:
+            raise ValueError(f"audio must be [channels, samples], got shape {wav.shape}")
+        self.wav = wav
+        self.sample_rate = int(sample_rate)
+        self.channels = wav.shape[0]
+        self.frames = wav.shape[1]
+        self._block = max(1, int(block_frames))
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for start in range(0, self.frames, self._block):
+            yield self.wav[:, start:start + self._block]
+
+
+class SoundFileSource(AudioSource):
+    """A file (or seekable file object) read block by block through libsndfile."""
+
+    def __init__(self, source, block_frames: int = BLOCK_FRAMES):
+        try:
+            self._sf = soundfile.SoundFile(source)
+        except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+            raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
+        except IsADirectoryError:
+            raise AudioError("is a directory, not an audio file") from None
+        except FileNotFoundError:
+            raise AudioError("no such file") from None
+        except PermissionError:
+            raise AudioError("permission denied") from None
+        try:
+            self.sample_rate = audio.check_sample_rate(self._sf.samplerate)
+        except AudioError:
+            self._sf.close()
+            raise
+        self.channels = int(self._sf.channels)
+        frames = self._sf.frames
+        # libsndfile reports an unknown length as a huge number.
+        self.frames = int(frames) if 0 <= frames < 2**62 else None
+        self._block = max(1, int(block_frames))
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        try:
+            for block in self._sf.blocks(self._block, dtype="float32", always_2d=True):
+                if block.shape[0]:
+                    yield np.ascontiguousarray(block.T)
+        except (soundfile.LibsndfileError, RuntimeError) as exc:
+            raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        self._sf.close()
+        super().close()
+
+
+# --------------------------------------------------------------------------- reading WAV streams
+
+
+class _UnsupportedWav(AudioError):
+    """A well-formed WAV header with an encoding this reader does not decode (e.g. ADPCM)."""
+
+    consumed: bytes = b""
+
+
+class WavStreamReader(AudioSource):
+    """Parses a WAV header from a stream that cannot seek and yields samples as they arrive.
+
+    Handles RIFF (little-endian), RIFX (big-endian) and RF64 files holding integer PCM of
+    8/16/24/32 bits or IEEE float of 32/64 bits, plain or WAVE_FORMAT_EXTENSIBLE, with
+    chunks it does not know (LIST, fact, JUNK, ...) skipped before ``data``. Sizes of
+    0xFFFFFFFF (or 0 with an unknown RIFF size) mean "read to the end of the stream".
+    A stream that ends before its declared size ends the audio there, and a trailing
+    partial sample frame is dropped, as libsndfile does for files; a stream that ends
+    inside the header is an error.
+
+    ``prefix`` holds bytes already read from the stream (e.g. to sniff the format).
+    """
+
+    def __init__(self, fileobj: BinaryIO, prefix: bytes = b"", block_frames: int = BLOCK_FRAMES):
+        self._f = fileobj
+        self._pending = bytearray(prefix)
+        self._consumed = bytearray()  # header bytes, kept so a caller can fall back
+        self._recording = True
+        self._block = max(1, int(block_frames))
+        try:
+            self._parse_header()
+        except _UnsupportedWav as exc:
+            exc.consumed = bytes(self._consumed) + bytes(self._pending)
+            raise
+        self._recording = False
+        self._consumed = bytearray()
+
+    # -- raw reading
+
+    def _read_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes: what is already there, waiting only if nothing is (pipes)."""
+        if self._pending:
+            data = bytes(self._pending[:n])
+            del self._pending[:n]
+        else:
+            read1 = getattr(self._f, "read1", None)
+            data = read1(n) if read1 is not None else self._f.read(n)
+            data = data or b""
+        if self._recording:
+            self._consumed += data
+        return data
+
+    def _read_exactly(self, n: int, what: str) -> bytes:
+        parts: List[bytes] = []
+        got = 0
+        while got < n:
+            piece = self._read_some(min(n - got, 1 << 20))
+            if not piece:
+                raise AudioError(f"WAV stream truncated in its {what} ({got} of {n} bytes)")
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def _skip(self, n: int, what: str) -> None:
+        while n > 0:
+            piece = self._read_some(min(n, 1 << 16))
+            if not piece:
+                raise AudioError(f"WAV stream truncated in its {what}")
+            n -= len(piece)
+
+    # -- header
+
+    def _parse_header(self) -> None:
+        riff = self._read_exactly(12, "RIFF header")
+        magic, form = riff[:4], riff[8:12]
+        if magic not in (b"RIFF", b"RIFX", b"RF64") or form != b"WAVE":
+            raise AudioError("not a WAV stream (no RIFF/WAVE header)")
+        self._endian = ">" if magic == b"RIFX" else "<"
+        (riff_size,) = struct.unpack(self._endian + "I", riff[4:8])
+        size_known = riff_size not in (0, _UNKNOWN_32)
+        ds64_data: Optional[int] = None
+        fmt: Optional[bytes] = None
+        while True:
+            head = self._read_exactly(8, "chunk list (no 'data' chunk)")
+            cid = head[:4]
+            (size,) = struct.unpack(self._endian + "I", head[4:])
+            if cid == b"data":
+                break
+            if cid in (b"fmt ", b"ds64"):
+                if size > _MAX_FMT:
+                    raise AudioError(f"corrupt WAV stream: {cid.decode().strip()} chunk of {size} bytes")
+                body = self._read_exactly(size, f"{cid.decode().strip()} chunk")
+                self._skip(size & 1, "chunk padding")
+                if cid == b"fmt ":
+                    fmt = body
+                elif magic == b"RF64" and len(body) >= 24:
+                    _riff64, data64, _count = struct.unpack_from("<QQQ", body)
+                    ds64_data = data64
+                continue
+            if size == _UNKNOWN_32 or size > _MAX_SKIP:
+                raise AudioError(f"corrupt WAV stream: chunk {cid!r} before 'data' claims {size} bytes")
+            self._skip(size + (size & 1), f"{cid!r} chunk")
+        if fmt is None:
+            raise AudioError("corrupt WAV stream: 'data' comes before any 'fmt ' chunk")
+        self._parse_fmt(fmt)
+        if magic == b"RF64" and size == _UNKNOWN_32 and ds64_data not in (None, 0, 2**64 - 1):
+            size, unknown = ds64_data, False
+        else:
+            unknown = size == _UNKNOWN_32 or (size == 0 and not size_known)
+        self._remaining: Optional[int] = None if unknown else size
+        self.frames = None if unknown else size // self._frame_bytes
+
+    def _parse_fmt(self, fmt: bytes) -> None:
+        if len(fmt) < 16:
+            raise AudioError(f"corrupt WAV stream: 'fmt ' chunk of {len(fmt)} bytes")
+        tag, channels, rate, _byte_rate, block_align, bits = struct.unpack_from(self._endian + "HHIIHH", fmt)
+        if tag == _TAG_EXTENSIBLE:
+            if len(fmt) < 40:
+                raise AudioError("corrupt WAV stream: WAVE_FORMAT_EXTENSIBLE 'fmt ' chunk is too short")
+            guid = fmt[24:40]
+            (tag,) = struct.unpack_from(self._endian + "H", guid)
+            if guid[2:] != _GUID_TAIL:
+                raise _UnsupportedWav("WAV stream uses an unknown WAVE_FORMAT_EXTENSIBLE sub-format")
+        if channels < 1 or rate < 1:
+            raise AudioError(f"corrupt WAV stream: {channels} channels at {rate} Hz")
+        kinds = {(_TAG_PCM, 8): "u1", (_TAG_PCM, 16): "i2", (_TAG_PCM, 24): "i3", (_TAG_PCM, 32): "i4",
+                 (_TAG_FLOAT, 32): "f4", (_TAG_FLOAT, 64): "f8"}
+        kind = kinds.get((tag, bits))
+        if kind is None:
+            raise _UnsupportedWav(f"WAV stream encoding (format 0x{tag:04x}, {bits} bits) cannot be streamed")
+        if block_align != channels * bits // 8:
+            raise _UnsupportedWav(f"WAV stream block alignment {block_align} does not match "
+                                  f"{channels} channels of {bits} bits")
+        self._kind = kind
+        self.channels = channels
+        self.sample_rate = audio.check_sample_rate(rate)
+        self.bits = bits
+        self._frame_bytes = block_align
+        self.subtype = {"u1": "PCM_U8", "i2": "PCM_16", "i3": "PCM_24", "i4": "PCM_32",
+                        "f4": "FLOAT", "f8": "DOUBLE"}[kind]
+
+    # -- samples
+
+    def read(self, max_frames: int) -> np.ndarray:
+        """Up to ``max_frames`` frames as ``[C, n]`` float32; waits only until some arrive.
+
+        Returns an empty array at the end of the audio.
+        """
+        fb = self._frame_bytes
+        want = max(1, int(max_frames)) * fb
+        if self._remaining is not None:
+            want = min(want, self._remaining)
+        buf = bytearray()
+        while want > 0 and len(buf) < fb:
+            piece = self._read_some(want - len(buf))
+            if not piece:
+                break  # end of stream: a partial frame left in buf is dropped
+            buf += piece
+        usable = len(buf) - len(buf) % fb
+        if usable < len(buf):
+            # Keep the partial frame for the next call (more may arrive).
+            self._pending[:0] = buf[usable:]
+            if not usable:
+                return np.zeros((self.channels, 0), dtype=np.float32)
+        if self._remaining is not None:
+            self._remaining -= usable
+        return self._convert(bytes(buf[:usable]))
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        while True:
+            block = self.read(self._block)
+            if not block.shape[1]:
+                return
+            yield block
+
+    def _convert(self, data: bytes) -> np.ndarray:
+        e, c = self._endian, self.channels
+        kind = self._kind
+        if kind == "u1":
+            ints = np.frombuffer(data, dtype=np.uint8).astype(np.int32) - 128
+            out = ints.astype(np.float32) * np.float32(1 / 128)
+        elif kind == "i3":
+            raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+            lo, hi = (0, 2) if e == "<" else (2, 0)
+            ints = (raw[:, lo] << 8) | (raw[:, 1] << 16) | (raw[:, hi] << 24)  # 24 bits, sign on top
+            out = ints.astype(np.float32) * np.float32(2.0 ** -31)
+        elif kind in ("i2", "i4"):
+            ints = np.frombuffer(data, dtype=e + kind)
+            scale = np.float32(2.0 ** -15 if kind == "i2" else 2.0 ** -31)
+            out = ints.astype(np.float32) * scale
+        else:
+            out = np.frombuffer(data, dtype=e + kind).astype(np.float32)
+        return np.ascontiguousarray(out.reshape(-1, c).T)
+
+
+def open_audio_file(path: str, block_frames: int = BLOCK_FRAMES) -> AudioSource:
+    """A file on disk, read block by block (any format libsndfile reads).
+
+    Refused up front like :func:`ecdc.audio.read_audio` refuses it (missing, a directory,
+    empty); a named pipe or device is read like stdin (:func:`open_audio_stream`).
+    """
+    st = audio.check_input_path(path)
+    if stat.S_ISREG(st.st_mode):
+        return SoundFileSource(path, block_frames)
+    try:
+        f = open(path, "rb")  # a FIFO waits here for a writer, as cat does
+    except OSError as exc:
+        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        source = open_audio_stream(f, block_frames)
+    except BaseException:
+        f.close()
+        raise
+    source._owned = f
+    return source
+
+
+def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> AudioSource:
+    """Audio from a stream such as stdin: WAV incrementally, anything else read whole.
+
+    libsndfile must seek to decode most formats, so a non-WAV stream (or a WAV encoding
+    this reader does not decode, e.g. ADPCM) is read into memory first and decoded there.
+    """
+    head = _read_upto(stream, 12)
+    if not head:
+        raise AudioError("empty input")
+    if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
+        try:
+            return WavStreamReader(stream, prefix=head, block_frames=block_frames)
+        except _UnsupportedWav as exc:
+            head = exc.consumed  # what the parse read, so libsndfile sees the whole file
+    return _whole_stream(stream, head, block_frames)
+
+
+def _whole_stream(stream: BinaryIO, head: bytes, block_frames: int) -> AudioSource:
+    data = head + stream.read()
+    return SoundFileSource(io.BytesIO(data), block_frames)
+
+
+def _read_upto(stream: BinaryIO, n: int) -> bytes:
+    parts: List[bytes] = []
+    got = 0
+    while got < n:
+        piece = stream.read(n - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- writing WAV streams
+
+
+class WavStreamWriter:
+    """Writes 16-bit PCM as WAV (or raw s16le with ``raw=True``) block by block.
+
+    The header goes out first with RIFF and data sizes of 0xFFFFFFFF ("unknown", which
+    sox and ffmpeg accept on a pipe); :meth:`close` patches the real sizes in when the
+    output can seek (a regular file) and they fit in 32 bits. Samples are clipped so
+    peaks saturate, and converted exactly as libsndfile converts float to PCM_16.
+    """
+
+    def __init__(self, fileobj: BinaryIO, sample_rate: int, channels: int, raw: bool = False):
+        if channels < 1 or sample_rate < 1:
+            raise AudioError(f"invalid output format: {channels} channels at {sample_rate} Hz")
+        self._f = fileobj
+        self.sample_rate = int(sample_rate)
+        self.channels = int(channels)
+        self.raw = raw
+        self.frames_written = 0
+        self._start: Optional[int] = None
+        self._closed = False
+        if raw:
+            return
+        try:
+            if fileobj.seekable():
+                self._start = fileobj.tell()
+        except (AttributeError, OSError, ValueError):
+            self._start = None
+        header, self._riff_offset, self._data_offset = _wav_header(self.sample_rate, self.channels)
+        self._write(header)
+
+    def write(self, block: np.ndarray) -> None:
+        """Append ``[channels, n]`` float audio."""
+        block = np.asarray(block)
+        if block.ndim != 2 or block.shape[0] != self.channels:
+            raise ValueError(f"expected [{self.channels}, n] audio, got shape {block.shape}")
+        if not block.shape[1]:
+            return
+        self._write(to_pcm16(block).T.tobytes())
+        self.frames_written += block.shape[1]
+
+    def close(self) -> None:
+        """Patch the sizes where possible and flush; the file object stays open."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.raw and self._start is not None:
+            data_bytes = self.frames_written * self.channels * 2
+            riff = self._data_offset + 4 + data_bytes - 8
+            if riff <= _UNKNOWN_32:
+                end = self._f.tell()
+                self._f.seek(self._start + self._riff_offset)
+                self._write(struct.pack("<I", riff))
+                self._f.seek(self._start + self._data_offset)
+                self._write(struct.pack("<I", data_bytes))
+                self._f.seek(end)
+        flush = getattr(self._f, "flush", None)
+        if flush is not None:
+            flush()
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._f.write(view)
+            if n is None:
+                return
+            view = view[n:]
+
+
+def to_pcm16(wav: np.ndarray) -> np.ndarray:
+    """float -> int16 exactly as libsndfile writes PCM_16 (clipped to +-1, never wrapped)."""
+    clipped = np.clip(np.asarray(wav, dtype=np.float32), -1.0, np.float32(32767 / 32768))
+    return (np.rint(clipped.astype(np.float64) * 2.0 ** 31).astype(np.int64) >> 16).astype("<i2")
+
+
+def _wav_header(rate: int, channels: int) -> Tuple[bytes, int, int]:
+    """A PCM_16 header with unknown sizes; returns it with the offsets of both size fields."""
+    block_align = channels * 2
+    common = struct.pack("<HIIHH", channels, rate, rate * block_align, block_align, 16)
+    if channels <= 2:
+        fmt = struct.pack("<H", _TAG_PCM) + common
+    else:
+        # More than two channels: WAVE_FORMAT_EXTENSIBLE, as Microsoft asks (no speaker mask).
+        guid = struct.pack("<H", _TAG_PCM) + _GUID_TAIL
+        fmt = struct.pack("<H", _TAG_EXTENSIBLE) + common + struct.pack("<HHI", 22, 16, 0) + guid
+    header = (b"RIFF" + struct.pack("<I", _UNKNOWN_32) + b"WAVE"
+              + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+              + b"data" + struct.pack("<I", _UNKNOWN_32))
+    return header, 4, len(header) - 4
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
