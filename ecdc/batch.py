@@ -24,6 +24,7 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Seq
 from .codec import Codec, ProgressFn, atomic_output, load_model, load_model_for
 from .container import EcdcHeader, EcdcReader
 from .errors import EcdcError
+from .perf import available_cpus, configure_threads
 from .wavstream import WavStreamWriter, open_audio_file, open_audio_stream
 
 STDIO = "-"
@@ -469,10 +470,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """CPUs this process may use (affinity mask and cgroup quota), to share among workers."""
+    return available_cpus()
 
 
 def _worker(kind: str, choice: ModelChoice, options: Options, threads: int,
@@ -481,9 +480,7 @@ def _worker(kind: str, choice: ModelChoice, options: Options, threads: int,
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
-        import torch
-
-        torch.set_num_threads(threads)
+        configure_threads(threads)
         codecs = CodecCache(choice)
         while True:
             item = tasks.get()
