@@ -23,7 +23,7 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Seq
 
 from .codec import Codec, ProgressFn, atomic_output, load_model, load_model_for
 from .container import EcdcHeader, EcdcReader
-from .errors import EcdcError
+from .errors import ChecksumError, EcdcError, TruncatedError
 from .perf import available_cpus, configure_threads
 from .wavstream import WavStreamWriter, open_audio_file, open_audio_stream
 
@@ -60,6 +60,7 @@ class DecompressOptions:
     sample_rate: Optional[int] = None
     channels: Optional[int] = None
     raw: bool = False  #: headerless s16le instead of WAV
+    salvage: bool = False  #: decode the intact parts of a damaged file, silence for the rest
 
     @property
     def suffix(self) -> str:
@@ -105,23 +106,37 @@ def compress_one(codec: Codec, src: str, dst: str, options: CompressOptions,
     return result.duration
 
 
+#: Called with one line per problem a salvaging decode worked around.
+WarnFn = Callable[[str], None]
+
+
 def decompress_one(src: str, dst: str, options: DecompressOptions, codec_for: Callable[[EcdcHeader], Codec],
-                   progress: Optional[ProgressFn] = None) -> float:
+                   progress: Optional[ProgressFn] = None, warn: Optional[WarnFn] = None) -> float:
     """Decompress ``src`` (a path or ``-``) to ``dst`` (a path or ``-``); returns audio seconds.
 
     ``codec_for`` picks the codec once the header is read. Samples are written as they
-    are decoded (so ``-o -`` flows before the input ends).
+    are decoded (so ``-o -`` flows before the input ends). With ``options.salvage`` a
+    damaged file is decoded around its damage and ``warn`` gets one line per problem.
     """
     with _open_binary_input(src) as f:
-        reader = EcdcReader(f)
+        reader = EcdcReader(f, salvage=options.salvage)
         codec = codec_for(reader.header)
         codec.check_compatible(reader.header)  # before anything is written
         rate, channels = codec.output_format(reader.header, options.sample_rate, options.channels)
-        if dst == STDIO:
-            frames = _decode_into(codec, reader, sys.stdout.buffer, rate, channels, options, progress)
-        else:
-            with atomic_output(dst) as out:
-                frames = _decode_into(codec, reader, out, rate, channels, options, progress)
+        try:
+            if dst == STDIO:
+                frames = _decode_into(codec, reader, sys.stdout.buffer, rate, channels, options, progress)
+            else:
+                with atomic_output(dst) as out:
+                    frames = _decode_into(codec, reader, out, rate, channels, options, progress)
+        except (ChecksumError, TruncatedError) as exc:
+            # The header was intact, so salvage can recover the chunks that are.
+            raise type(exc)(f"{exc}; --salvage decodes the intact parts") from None
+    if reader.damage and warn is not None:
+        for line in reader.damage:
+            warn(line)
+        lost = sum(gap.num_samples for gap in reader.gaps) / reader.header.sample_rate
+        warn(f"salvaged: {frames / rate:.2f} s written, {lost:.2f} s of it silence in place of lost audio")
     return frames / rate
 
 
@@ -175,11 +190,11 @@ class CodecCache:
 
 
 def convert_one(kind: str, codecs: CodecCache, src: str, dst: str, options: Options,
-                progress: Optional[ProgressFn] = None) -> float:
+                progress: Optional[ProgressFn] = None, warn: Optional[WarnFn] = None) -> float:
     """One conversion of either kind; returns the seconds of audio converted."""
     if kind == COMPRESS:
         return compress_one(codecs.default(), src, dst, options, progress)  # type: ignore[arg-type]
-    return decompress_one(src, dst, options, codecs.for_header, progress)  # type: ignore[arg-type]
+    return decompress_one(src, dst, options, codecs.for_header, progress, warn)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- planning a batch
@@ -380,7 +395,8 @@ def convert_single(kind: str, codecs: CodecCache, src: str, dst: str, options: O
     seconds = _estimate_seconds(kind, src) if src != STDIO else 0.0
     bar = _Progress(progress_enabled(quiet, stream), seconds, 1, stream)
     try:
-        return convert_one(kind, codecs, src, dst, options, bar.advance)
+        return convert_one(kind, codecs, src, dst, options, bar.advance,
+                           lambda line: bar.write(warning_line(src, line)))
     finally:
         bar.close()
 
@@ -421,7 +437,8 @@ def run_batch(kind: str, plan: Plan, choice: ModelChoice, options: Options, work
             for job in plan.jobs:
                 _make_parent(job.dst)
                 try:
-                    seconds = convert_one(kind, cache, job.src, job.dst, options, bar.advance)
+                    seconds = convert_one(kind, cache, job.src, job.dst, options, bar.advance,
+                                          lambda line, src=job.src: bar.write(warning_line(src, line)))
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
                     done(job, None, describe_error(exc))
                 else:
@@ -435,8 +452,16 @@ def run_batch(kind: str, plan: Plan, choice: ModelChoice, options: Options, work
 
 
 def error_line(src: str, message: str) -> str:
+    return _message_line("error", src, message)
+
+
+def warning_line(src: str, message: str) -> str:
+    return _message_line("warning", src, message)
+
+
+def _message_line(level: str, src: str, message: str) -> str:
     where = "<stdin>" if src == STDIO else src
-    return f"ecdc: error: {where}: {message}" if where else f"ecdc: error: {message}"
+    return f"ecdc: {level}: {where}: {message}" if where else f"ecdc: {level}: {message}"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -499,7 +524,8 @@ def _worker(kind: str, choice: ModelChoice, options: Options, threads: int,
 
             try:
                 _make_parent(job.dst)
-                seconds = convert_one(kind, codecs, job.src, job.dst, options, progress)
+                seconds = convert_one(kind, codecs, job.src, job.dst, options, progress,
+                                      lambda line, index=index: results.put(("warning", index, line)))
             except Exception as exc:  # noqa: BLE001 - reported, the batch goes on
                 results.put(("progress", index, sent[1]))
                 results.put(("done", index, None, describe_error(exc)))
@@ -553,6 +579,8 @@ def _run_pool(kind: str, jobs: List[Job], choice: ModelChoice, options: Options,
             running[msg[2]] = index
         elif what == "progress":
             bar.advance(msg[2])
+        elif what == "warning":
+            bar.write(warning_line(jobs[index].src, msg[2]))
         elif what == "done" and index not in finished:
             finished.add(index)
             for pid in [pid for pid, i in running.items() if i == index]:

@@ -207,6 +207,9 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
 @click.option("--channels", type=click.IntRange(1, 64), metavar="N",
               help="Output channel count (default: the original input's).")
 @click.option("--raw", is_flag=True, help="Write headerless 16-bit little-endian PCM (s16le) instead of wav.")
+@click.option("--salvage", is_flag=True,
+              help="Decode the intact chunks of a damaged file, with silence for what was lost "
+                   "(reported as warnings) instead of refusing it.")
 @model_option
 @checkpoint_option
 @device_option
@@ -216,10 +219,10 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
 @quiet_option
 @_report_errors
 def decompress(inputs: Tuple[str, ...], output: Optional[str], sample_rate: Optional[int], channels: Optional[int],
-               raw: bool, model: Optional[str], checkpoint: Optional[str], device: str, force: bool,
-               recursive: bool, jobs: int, quiet: bool) -> None:
+               raw: bool, salvage: bool, model: Optional[str], checkpoint: Optional[str], device: str,
+               force: bool, recursive: bool, jobs: int, quiet: bool) -> None:
     """Decompress .ecdc files (ecdc's or Meta's; - for stdin) or directories (-r) to 16-bit wav."""
-    options = batch.DecompressOptions(sample_rate, channels, raw)
+    options = batch.DecompressOptions(sample_rate, channels, raw, salvage)
     choice = batch.ModelChoice(model, checkpoint, device)
     cache = batch.CodecCache(choice, progress=_download_progress())
     if not batch.is_batch(inputs, recursive):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,14 +23,15 @@ import soxr
 import torch
 
 from . import audio
-from .container import CodeChunk, EcdcHeader, EcdcReader, EcdcWriter, StereoMode
-from .errors import AudioError, FormatError, ModelError
+from .container import CodeChunk, EcdcHeader, EcdcReader, EcdcWriter, Gap, StereoMode
+from .errors import AudioError, FormatError, ModelError, OutputError
 from .models.encodec import EncodecModel, EncodedSegment
 from .models.streaming import StreamingDecoder, StreamingEncoder
 from .wavstream import ArraySource, AudioSource, WavStreamWriter, open_audio_file
 from .weights import DEFAULT_MODEL, available_models, load_weights
 
 STEREO_CHOICES = ("downmix", "dual")
+_SILENCE_BLOCK = 1 << 16  # samples of silence per block for a salvaged gap (a gap may be days long)
 UNKNOWN_FINGERPRINT = bytes(16)
 
 
@@ -267,6 +270,12 @@ class Codec:
         last hop of samples is held back until the end marker gives the exact length, and
         the output is fitted to exactly the input's original length (scaled to
         ``sample_rate`` when that differs), as a whole-file decode would be.
+
+        A salvaging reader (``EcdcReader(f, salvage=True)``) also yields :class:`Gap` s:
+        each becomes silence of its length, and decoding restarts with fresh model state
+        after it (the chunks after a gap were coded with state we no longer have, so the
+        first few milliseconds after a gap are approximate). Lengths the damaged file
+        cannot confirm are then fitted instead of refused.
         """
         if isinstance(encoded, EcdcReader):
             reader = encoded
@@ -279,12 +288,13 @@ class Codec:
 
             def lengths() -> Tuple[Optional[int], Optional[int]]:
                 return encoded.num_samples, encoded.original_samples
-        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress)
+        salvaging = isinstance(encoded, EcdcReader) and encoded.salvage
+        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress, salvaging)
 
-    def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[CodeChunk],
+    def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[Union[CodeChunk, Gap]],
                        lengths: Callable[[], Tuple[Optional[int], Optional[int]]],
                        sample_rate: Optional[int], channels: Optional[int],
-                       progress: Optional[ProgressFn]) -> Iterator[np.ndarray]:
+                       progress: Optional[ProgressFn], salvaging: bool = False) -> Iterator[np.ndarray]:
         self.check_compatible(header)
         out_rate, out_channels = self.output_format(header, sample_rate, channels)
         coded_channels = header.channels * header.streams
@@ -306,6 +316,22 @@ class Codec:
 
         seconds_per_chunk = (header.segment_stride / header.sample_rate) if header.segmented else None
         for chunk in chunks:
+            if isinstance(chunk, Gap):
+                # Everything before the gap is final: flush it, fitted to where the gap
+                # starts (a segmented model's last segment overlaps into it), then silence.
+                if decoder is not None:
+                    with torch.inference_mode():
+                        held = np.concatenate([held, _flat(decoder.flush())], axis=1)
+                    decoder = None
+                held = held[:, :max(0, chunk.start_sample - released)]
+                silence = chunk.start_sample + chunk.num_samples - released - held.shape[1]
+                for piece in itertools.chain([held], _silence(coded_channels, silence)):
+                    yield from stage(piece, last=False)
+                    released += piece.shape[1]
+                held = held[:, :0]
+                if progress is not None:
+                    progress(chunk.num_samples / header.sample_rate)
+                continue
             if decoder is None:
                 decoder = StreamingDecoder(self.model)
             with torch.inference_mode():
@@ -319,14 +345,29 @@ class Codec:
             if progress is not None:
                 progress(seconds_per_chunk or chunk.codes.shape[-1] * hop / header.sample_rate)
         total, original = lengths()
-        if total is None:  # pragma: no cover - the reader raises before this
-            raise FormatError(".ecdc stream ended without an end marker")
         if decoder is not None:
             with torch.inference_mode():
                 held = np.concatenate([held, _flat(decoder.flush())], axis=1)
-        elif total:
-            raise FormatError(f"file claims {total} samples but holds no audio frames")
         available = released + held.shape[1]
+        if salvaging:
+            # A damaged file: trust the length it still states, else what was recovered.
+            if total is None:
+                total = header.num_samples if header.num_samples is not None else available
+            total = max(total, released)
+            held = held[:, :total - released]
+            if original is not None and header.original_sample_rate:
+                fitter.target = round(original * out_rate / header.original_sample_rate)
+            missing = total - released - held.shape[1]  # stated but not recovered: silence
+            for piece in itertools.chain([held], _silence(coded_channels, missing)):
+                yield from stage(piece, last=False)
+            yield from stage(held[:, :0], last=True)
+            for piece in fitter.finish():
+                yield audio.to_channels(piece, out_channels)
+            return
+        if total is None:  # pragma: no cover - the reader raises before this
+            raise FormatError(".ecdc stream ended without an end marker")
+        if decoder is None and total:
+            raise FormatError(f"file claims {total} samples but holds no audio frames")
         if total > available:
             raise FormatError(f"file claims {total} samples but its frames decode to only {available}")
         if total < released:
@@ -503,6 +544,13 @@ def _write_stream(events: Iterator[Union[EcdcHeader, CodeChunk, _Totals]], out: 
     return result
 
 
+def _silence(channels: int, num_samples: int) -> Iterator[np.ndarray]:
+    """``num_samples`` of silence in bounded blocks: a salvaged gap may be days long."""
+    zeros = np.zeros((channels, min(_SILENCE_BLOCK, max(0, num_samples))), dtype=np.float32)
+    for start in range(0, num_samples, _SILENCE_BLOCK):
+        yield zeros[:, :min(_SILENCE_BLOCK, num_samples - start)]
+
+
 def _resample_chunk(resampler: "soxr.ResampleStream", wav: np.ndarray, last: bool) -> np.ndarray:
     """Streaming libsoxr on ``[C, n]`` audio; bit-identical to resampling it whole."""
     out = resampler.resample_chunk(np.ascontiguousarray(wav.T, dtype=np.float32), last=last)
@@ -567,6 +615,11 @@ def decompress(data: bytes, model: Union[None, str, Codec] = None,
 
 # -- files ----------------------------------------------------------------------------
 
+#: errno values that mean "the output cannot grow", and what usually causes them.
+_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "a file-size limit or the file system's maximum",
+                 errno.EDQUOT: "disk quota exceeded"}
+
+
 @contextlib.contextmanager
 def atomic_output(path: Union[str, Path]) -> Iterator[BinaryIO]:
     """Write to a temporary file beside ``path`` and rename it into place only on success.
@@ -576,16 +629,22 @@ def atomic_output(path: Union[str, Path]) -> Iterator[BinaryIO]:
     """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"cannot create {target}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            raise OutputError(f"cannot write {target}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]}); "
+                              f"nothing was written") from None
         raise
 
 

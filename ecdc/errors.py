@@ -33,6 +33,10 @@ class AudioError(EcdcError):
     """Audio could not be read, written or converted."""
 
 
+class OutputError(EcdcError):
+    """An output could not be written: a full disk, a file-size limit, no permission."""
+
+
 class ModelError(EcdcError):
     """Unknown model, unsupported bandwidth, or weights that do not match a file."""
 
