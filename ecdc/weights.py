@@ -230,15 +230,21 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> bytes:
             tensor = tensor.to(torch.float32)
         digest.update(key.encode("utf-8"))
         digest.update(str(tuple(tensor.shape)).encode("ascii"))
-        digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))  # no copy
     return digest.digest()[:16]
 
 
 def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> EncodecModel:
     """Instantiate ``config`` and load ``state_dict`` strictly (a mismatch is the user's error)."""
-    model = EncodecModel(config)
+    # Built on the meta device and given the checkpoint's tensors (assign=True): no random
+    # initialisation and no second copy of the weights, which would double the load's peak
+    # memory. fp16-stored weights become float32 here, one tensor at a time.
+    with torch.device("meta"):
+        model = EncodecModel(config)
+    tensors = {key: value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
+               for key, value in state_dict.items()}
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
@@ -253,8 +259,7 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
     """Load a model by registry name and/or checkpoint path; return it and its fingerprint."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        obj = _load_checkpoint_file(path)
-        embedded, state_dict = _split_checkpoint(obj, path)
+        embedded, state_dict = _split_checkpoint(_load_checkpoint_file(path), path)
         config = _config_for_path(path, embedded, name)
         source = str(path)
     else:
@@ -269,6 +274,7 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
         config = spec.config
         source = str(path)
     model = build_model(config, state_dict, source)
+    del state_dict, embedded  # the model holds the tensors it needs now
     return model, weights_fingerprint(model.state_dict())
 
 

@@ -68,7 +68,9 @@ ELEMENTWISE_GRAIN = 32768
 # Fewest rows given to a GEMM (quantiser distances) or time steps given to the LSTM: MKL
 # and oneDNN take other code paths for a handful of rows.
 MIN_ROWS = 16
-DEFAULT_BLOCK_SECONDS = 5.0
+# Audio per block: 2 s keeps a block's activations (and so peak memory) small while each
+# conv and GEMM call is still large enough to run at full speed on oneDNN/MKL.
+DEFAULT_BLOCK_SECONDS = 2.0
 
 _ELEMENTWISE = (nn.ELU, nn.Identity)
 
