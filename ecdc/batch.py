@@ -161,21 +161,32 @@ def _open_binary_input(src: str) -> Iterator[BinaryIO]:
 
 
 class CodecCache:
-    """Loads codecs on demand and keeps them, so a batch loads each model once."""
+    """Loads codecs on demand and keeps them, so a batch loads each model once.
+
+    With ``kind`` (COMPRESS or DECOMPRESS) each model loaded keeps only the half it needs
+    (:meth:`~ecdc.models.EncodecModel.release_unused`), for a smaller peak memory.
+    """
 
     def __init__(self, choice: ModelChoice, progress: Optional[Callable[[int, Optional[int]], None]] = None,
-                 preloaded: Optional[Codec] = None):
+                 preloaded: Optional[Codec] = None, kind: Optional[str] = None):
         self.choice = choice
         self.progress = progress
+        self.kind = kind
         self._codecs: Dict[Optional[str], Codec] = {}
         if preloaded is not None:
             self._codecs[None] = preloaded
+
+    def _loaded(self, codec: Codec) -> Codec:
+        if self.kind is not None:
+            codec.model.release_unused("encode" if self.kind == COMPRESS else "decode")
+        return codec
 
     def default(self) -> Codec:
         """The codec the user named (compression always has one)."""
         if None not in self._codecs:
             c = self.choice
-            self._codecs[None] = load_model(c.model, device=c.device, checkpoint=c.checkpoint, progress=self.progress)
+            self._codecs[None] = self._loaded(load_model(c.model, device=c.device, checkpoint=c.checkpoint,
+                                                         progress=self.progress))
         return self._codecs[None]
 
     def for_header(self, header: EcdcHeader) -> Codec:
@@ -185,7 +196,7 @@ class CodecCache:
         name = header.model_name
         if name not in self._codecs:
             c = self.choice
-            self._codecs[name] = load_model_for(header, None, None, c.device, progress=self.progress)
+            self._codecs[name] = self._loaded(load_model_for(header, None, None, c.device, progress=self.progress))
         return self._codecs[name]
 
 
@@ -433,7 +444,7 @@ def run_batch(kind: str, plan: Plan, choice: ModelChoice, options: Options, work
 
     try:
         if workers <= 1 or len(plan.jobs) <= 1:
-            cache = codecs or CodecCache(choice)
+            cache = codecs or CodecCache(choice, kind=kind)
             for job in plan.jobs:
                 _make_parent(job.dst)
                 try:
@@ -506,7 +517,7 @@ def _worker(kind: str, choice: ModelChoice, options: Options, threads: int,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
         configure_threads(threads)
-        codecs = CodecCache(choice)
+        codecs = CodecCache(choice, kind=kind)
         while True:
             item = tasks.get()
             if item is None:

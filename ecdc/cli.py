@@ -189,7 +189,8 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
         _check_output(src, dst, force)
     codec = _load(model, checkpoint, device)  # once, before any worker starts (downloads too)
     codec.model.num_codebooks(bandwidth)  # reject a bad -b before reading any audio
-    cache = batch.CodecCache(choice, preloaded=codec)
+    codec.model.release_unused("encode")  # this process never decodes
+    cache = batch.CodecCache(choice, preloaded=codec, kind=batch.COMPRESS)
     if single:
         with batch.interrupts_as_keyboard():
             batch.convert_single(batch.COMPRESS, cache, src, dst, options, quiet)
@@ -224,7 +225,7 @@ def decompress(inputs: Tuple[str, ...], output: Optional[str], sample_rate: Opti
     """Decompress .ecdc files (ecdc's or Meta's; - for stdin) or directories (-r) to 16-bit wav."""
     options = batch.DecompressOptions(sample_rate, channels, raw, salvage)
     choice = batch.ModelChoice(model, checkpoint, device)
-    cache = batch.CodecCache(choice, progress=_download_progress())
+    cache = batch.CodecCache(choice, progress=_download_progress(), kind=batch.DECOMPRESS)
     if not batch.is_batch(inputs, recursive):
         src = inputs[0]
         dst = batch.single_output(src, output, options.suffix)

@@ -191,3 +191,39 @@ def test_lstm_thread_override_gives_identical_results(monkeypatch: pytest.Monkey
             monkeypatch.setattr(perf, "_lstm_threads", n)
             assert torch.equal(lstm(x), default)
             assert torch.get_num_threads() == threads  # restored
+
+
+@pytest.mark.parametrize("config", [SMALL_24K, SMALL_48K], ids=["24k", "48k"])
+def test_one_way_model_gives_the_same_results_and_refuses_the_other_way(config: EncodecConfig) -> None:
+    """release_unused (used by the CLI to lower peak memory) changes no code and no sample."""
+    from ecdc.errors import ModelError
+    from ecdc.models.streaming import StreamingDecoder, StreamingEncoder
+
+    torch.manual_seed(0)
+    full = EncodecModel(config).eval()
+    wav = torch.randn(1, config.channels, int(1.3 * config.sample_rate)) * 0.1
+    segments = full.encode(wav, 6.0)
+    audio = full.decode(segments)
+
+    encoder_only = EncodecModel(config).eval()
+    encoder_only.load_state_dict(full.state_dict())
+    encoder_only.release_unused("encode")
+    assert encoder_only.decoder is None
+    assert all(torch.equal(a.codes, b.codes) for a, b in zip(encoder_only.encode(wav, 6.0), segments))
+    with pytest.raises(ModelError, match="loaded for encoding only"):
+        encoder_only.decode(segments)
+    with pytest.raises(ModelError, match="loaded for encoding only"):
+        StreamingDecoder(encoder_only).push(segments[0])
+
+    decoder_only = EncodecModel(config).eval()
+    decoder_only.load_state_dict(full.state_dict())
+    decoder_only.release_unused("decode")
+    assert decoder_only.encoder is None
+    assert torch.equal(decoder_only.decode(segments), audio)
+    with pytest.raises(ModelError, match="loaded for decoding only"):
+        decoder_only.encode(wav, 6.0)
+    if config.segment is None:
+        with pytest.raises(ModelError, match="loaded for decoding only"):
+            StreamingEncoder(decoder_only, 8)
+    kept = sum(t.numel() for t in decoder_only.state_dict().values())
+    assert kept < 0.75 * sum(t.numel() for t in full.state_dict().values())

@@ -71,6 +71,8 @@ MIN_ROWS = 16
 # Audio per block: 2 s keeps a block's activations (and so peak memory) small while each
 # conv and GEMM call is still large enough to run at full speed on oneDNN/MKL.
 DEFAULT_BLOCK_SECONDS = 2.0
+# The decoder's activations per second of audio are larger; its blocks are shorter.
+DEFAULT_DECODER_BLOCK_SECONDS = 1.0
 
 _ELEMENTWISE = (nn.ELU, nn.Identity)
 
@@ -347,7 +349,7 @@ class StreamingEncoder:
         hop = model.hop_length
         self._hop = hop
         threads = torch.get_num_threads()  # window sizes depend on it (see _min_input_width)
-        self._stack, self._lstm, self._tail = _split_at_lstm(model.encoder.model)
+        self._stack, self._lstm, self._tail = _split_at_lstm(model.require("encoder").model)
         # Input context (whole frames, so strided layers stay aligned) and the smallest
         # window, in samples, that keeps every conv of the first part on oneDNN.
         self._context = _left_context(self._stack) * hop
@@ -480,7 +482,7 @@ class StreamingDecoder:
     :meth:`EncodecModel.decode` on all segments (to float rounding), untrimmed.
     """
 
-    def __init__(self, model: EncodecModel, block_seconds: float = DEFAULT_BLOCK_SECONDS) -> None:
+    def __init__(self, model: EncodecModel, block_seconds: float = DEFAULT_DECODER_BLOCK_SECONDS) -> None:
         _streamable(model)
         if not block_seconds > 0:
             raise ValueError(f"block_seconds must be positive, got {block_seconds}")
@@ -508,7 +510,7 @@ class StreamingDecoder:
         hop = model.hop_length
         self._hop = hop
         threads = torch.get_num_threads()
-        self._pre, self._lstm, self._post = _split_at_lstm(model.decoder.model)
+        self._pre, self._lstm, self._post = _split_at_lstm(model.require("decoder").model)
         if self._lstm is None:  # no LSTM: everything is after the (absent) pivot
             self._pre, self._post = [], self._pre
         self._pre_reach = _left_context(self._pre)
