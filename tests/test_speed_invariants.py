@@ -213,7 +213,9 @@ def test_one_way_model_gives_the_same_results_and_refuses_the_other_way(config: 
     with pytest.raises(ModelError, match="loaded for encoding only"):
         encoder_only.decode(segments)
     with pytest.raises(ModelError, match="loaded for encoding only"):
-        StreamingDecoder(encoder_only).push(segments[0])
+        streaming = StreamingDecoder(encoder_only)
+        streaming.push(segments[0])
+        streaming.flush()
 
     decoder_only = EncodecModel(config).eval()
     decoder_only.load_state_dict(full.state_dict())
