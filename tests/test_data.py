@@ -334,3 +334,27 @@ def test_unwritable_cache_is_an_error_not_a_skip(tmp_path):
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(EcdcError, match="cannot write the decode cache"):
         AudioCache(blocker, RATE, 1).prepare([src], num_workers=0)
+
+
+def test_loader_workers_leave_stop_signals_to_the_trainer():
+    """A SIGTERM/SIGINT to the whole process group must not kill the DataLoader workers
+    (the trainer would crash in the loader instead of saving its checkpoint)."""
+    import signal
+
+    loader = data.make_train_loader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), 2, num_workers=0)
+    assert loader.worker_init_fn is data.ignore_stop_signals
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(r)
+        try:
+            loader.worker_init_fn(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.write(w, b"survived")
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        assert f.read() == b"survived"
+    os.waitpid(pid, 0)

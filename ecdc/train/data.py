@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import re
+import signal
 import tempfile
 import warnings
 from collections import OrderedDict
@@ -551,6 +552,18 @@ class StepSampler(Sampler):
             step += 1
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the trainer.
+
+    A signal sent to the whole process group (Ctrl-C, ``kill -- -PGID``, ``timeout``, a
+    job scheduler) would otherwise kill the workers too, and the trainer would die inside
+    the DataLoader instead of finishing its step and saving a checkpoint. Workers still
+    exit when the trainer does (the DataLoader watches its parent).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_train_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
                       start_step: int = 0, num_workers: int = 2,
                       pin_memory: Optional[bool] = None, prefetch_factor: int = 4) -> DataLoader:
@@ -566,7 +579,7 @@ def make_train_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_si
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      drop_last=True, generator=generator, **extra)
+                      drop_last=True, generator=generator, worker_init_fn=ignore_stop_signals, **extra)
 
 
 # ---------------------------------------------------------------------------------------
@@ -644,7 +657,8 @@ def make_valid_loader(valid: ValidationSet, batch_size: int, rank: int = 0, worl
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise DataError("invalid validation loader settings")
     return DataLoader(valid, batch_size=batch_size, sampler=list(range(rank, len(valid), world_size)),
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals)
 
 
 # ---------------------------------------------------------------------------------------
