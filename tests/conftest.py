@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -59,6 +61,32 @@ def test_signal(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> 
 
 
 test_signal.__test__ = False  # not a test despite the name
+
+
+def run_as_nobody(action: Callable[[], str]) -> str:
+    """``action()`` in a forked child that dropped root (user and group 65534); its
+    result, or the exception it raised as "Type: message". Root ignores file modes, so
+    permission tests need this."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                result = action()
+            except BaseException as exc:
+                result = f"{type(exc).__name__}: {exc}"
+            os.write(w, result.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 import soundfile
 from click.testing import CliRunner
 
-from conftest import test_signal
+from conftest import run_as_nobody, test_signal
 from ecdc.cli import main
 
 
@@ -124,23 +124,12 @@ def test_unreadable_input_as_an_unprivileged_user(tiny_mono_ckpt: Path) -> None:
         src = folder / "secret.wav"
         soundfile.write(str(src), test_signal(0.5, 24000).T, 24000, subtype="PCM_16")
         os.chmod(src, 0o000)
-        # The CLI runs in a forked child that dropped root; it reports back through a pipe.
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            os.close(r)
-            try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                result = CliRunner().invoke(main, ["compress", "-q", "--checkpoint", str(tiny_mono_ckpt), str(src)])
-                os.write(w, f"{result.exit_code}\n{result.output}".encode())
-            finally:
-                os._exit(0)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            code, output = f.read().decode().split("\n", 1)
-        os.waitpid(pid, 0)
+
+        def compress() -> str:
+            result = CliRunner().invoke(main, ["compress", "-q", "--checkpoint", str(tiny_mono_ckpt), str(src)])
+            return f"{result.exit_code}\n{result.output}"
+
+        code, output = run_as_nobody(compress).split("\n", 1)
         assert code == "1" and output.strip() == f"ecdc: error: {src}: permission denied"
         assert sorted(p.name for p in folder.iterdir()) == ["secret.wav"]
     finally:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from conftest import run_as_nobody
 from ecdc import audio
 from ecdc.errors import AudioError, EcdcError
 
@@ -216,30 +217,13 @@ def test_named_pipe_with_no_data(tmp_path: Path) -> None:
 
 
 def _read_as_nobody(path: Path) -> str:
-    """read_audio(path) in a forked child that dropped root; returns its outcome as text."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        os.close(r)
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                audio.read_audio(path)
-                result = "ok"
-            except AudioError as exc:
-                result = f"AudioError: {exc}"
-            except BaseException as exc:
-                result = f"{type(exc).__name__}: {exc}"
-            os.write(w, result.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = f.read().decode()
-    os.waitpid(pid, 0)
-    return out
+    """read_audio(path) as an unprivileged user; its outcome as text."""
+
+    def read() -> str:
+        audio.read_audio(path)
+        return "ok"
+
+    return run_as_nobody(read)
 
 
 def test_unreadable_file() -> None:

@@ -8,7 +8,6 @@ is silence, the length is the original's, and the command line reports the damag
 from __future__ import annotations
 
 import io
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import soundfile
 from click.testing import CliRunner
 
 from conftest import TINY_MONO, TINY_STEREO, random_model, test_signal
+from test_salvage import spans
 from ecdc.cli import main
 from ecdc.codec import Codec
 from ecdc.container import EcdcReader
@@ -24,18 +24,6 @@ from ecdc.container import EcdcReader
 # Clean and salvaged decodes run the same streaming decoder over the same chunks up
 # to the gap, so only float rounding separates them there.
 ATOL = 1e-4
-
-
-def spans(data: bytes) -> list[tuple[int, int, int]]:
-    """(type, start, end) of each chunk of an undamaged version 1 file."""
-    (body_len,) = struct.unpack_from("<H", data, 6)
-    pos = 8 + body_len + 4
-    out = []
-    while pos < len(data):
-        ctype, length = struct.unpack_from("<BI", data, pos)
-        out.append((ctype, pos, pos + 9 + length))
-        pos += 9 + length
-    return out
 
 
 def corrupt_code_chunk(data: bytes, index: int) -> bytes:
