@@ -146,7 +146,7 @@ def codes_of(encoded: EncodedAudio) -> np.ndarray:
 
 def test_compress_output_flows_before_stdin_closes(tiny_mono_ckpt):
     rate = 24000  # the model's rate: no resampling, so the codes must equal Codec.encode's
-    signal = test_signal(12.0, rate)
+    signal = test_signal(24.0, rate)
     pcm = to_pcm16(signal)
     stream = wav_bytes(pcm, rate, riff_size=UNKNOWN, data_size=UNKNOWN)  # as ffmpeg writes to a pipe
     header_len = len(stream) - pcm.size * 2
@@ -156,7 +156,9 @@ def test_compress_output_flows_before_stdin_closes(tiny_mono_ckpt):
     try:
         proc.stdin.write(stream[:header_len])
         pos = header_len
-        for _ in range(32):  # 8 s, a quarter second at a time
+        # 16 s, a quarter second at a time: the tiny model's encoder works in blocks of
+        # ~7 s, and its LSTM and quantiser in chunks of 10 s (real models: 2 s and 10 s).
+        for _ in range(64):
             proc.stdin.write(stream[pos:pos + rate // 4 * 2])
             proc.stdin.flush()
             pos += rate // 4 * 2

@@ -60,8 +60,10 @@ def _pieces(wav: torch.Tensor, sizes: Iterable[int]) -> Iterable[torch.Tensor]:
 
 
 def _stream_encode(model: EncodecModel, wav: torch.Tensor, num_codebooks: int, sizes: Iterable[int],
-                   block_seconds: float = 1.0) -> list[EncodedSegment]:
-    encoder = StreamingEncoder(model, num_codebooks, block_seconds=block_seconds)
+                   block_seconds: float = 1.0, chunk_seconds: float | None = None) -> list[EncodedSegment]:
+    """Streamed codes; the frame-rate chunks default to the block size (their smallest)."""
+    encoder = StreamingEncoder(model, num_codebooks, block_seconds=block_seconds,
+                               chunk_seconds=chunk_seconds or block_seconds)
     out: list[EncodedSegment] = []
     with torch.inference_mode():
         for piece in _pieces(wav, sizes):
@@ -72,8 +74,8 @@ def _stream_encode(model: EncodecModel, wav: torch.Tensor, num_codebooks: int, s
 
 
 def _stream_decode(model: EncodecModel, segments: list[EncodedSegment],
-                   block_seconds: float = 1.0) -> torch.Tensor:
-    decoder = StreamingDecoder(model, block_seconds=block_seconds)
+                   block_seconds: float = 1.0, chunk_seconds: float | None = None) -> torch.Tensor:
+    decoder = StreamingDecoder(model, block_seconds=block_seconds, chunk_seconds=chunk_seconds or block_seconds)
     with torch.inference_mode():
         parts = [decoder.push(seg) for seg in segments]
         parts.append(decoder.flush())
@@ -92,18 +94,20 @@ def _joined(segments: list[EncodedSegment]) -> torch.Tensor:
 TINY_AND_ODD = (1, 1, 1, 333, 4800, 1, 24007, 7)
 
 
-@pytest.mark.parametrize("bandwidth,block_seconds,sizes", [
-    pytest.param(24.0, 1.0, TINY_AND_ODD, id="24kbps-block1s-tiny"),
-    pytest.param(6.0, 1.37, (24007, 4800, 333), id="6kbps-block1.37s-odd"),
+@pytest.mark.parametrize("bandwidth,block_seconds,chunk_seconds,sizes", [
+    pytest.param(24.0, 1.0, None, TINY_AND_ODD, id="24kbps-block1s-tiny"),
+    pytest.param(6.0, 1.37, None, (24007, 4800, 333), id="6kbps-block1.37s-odd"),
+    # Frame-rate chunks that are not a multiple of the block: chunks end inside blocks.
+    pytest.param(24.0, 0.5, 1.3, (24007, 4800, 333), id="24kbps-block0.5s-chunk1.3s"),
 ])
-def test_codes_identical_24khz(model24: EncodecModel, clip24, bandwidth: float,
-                               block_seconds: float, sizes: tuple[int, ...]) -> None:
+def test_codes_identical_24khz(model24: EncodecModel, clip24, bandwidth: float, block_seconds: float,
+                               chunk_seconds: float | None, sizes: tuple[int, ...]) -> None:
     wav, whole = clip24
     k = model24.num_codebooks(bandwidth)
     # RVQ stage i never looks at later stages, so the 6 kbps codes are the first 8 rows of
     # the 24 kbps ones (the same ops in the same order): one whole-file pass serves both.
     expected = whole[:, :k]
-    segments = _stream_encode(model24, wav, k, sizes, block_seconds)
+    segments = _stream_encode(model24, wav, k, sizes, block_seconds, chunk_seconds)
     assert len(segments) > 2  # really streamed, not one flush
     codes = _joined(segments)
     assert codes.shape == expected.shape
@@ -118,12 +122,15 @@ def test_decode_matches_whole_file_24khz(model24: EncodecModel, clip24) -> None:
     cuts = itertools.accumulate(itertools.cycle((1, 37, 150, 2)))
     bounds = [0, *itertools.takewhile(lambda c: c < whole.shape[-1], cuts), whole.shape[-1]]
     runs = [EncodedSegment(whole[..., a:b], None) for a, b in zip(bounds, bounds[1:])]
-    # 1 s blocks (the decoder's minimum, 161 frames), and blocks leaving a 1-frame remainder.
-    for block_seconds in (1.0, (whole.shape[-1] - 1) / model24.frame_rate):
-        audio = _stream_decode(model24, runs, block_seconds)
+    # 1 s blocks (the decoder's minimum, 161 frames), blocks leaving a 1-frame remainder,
+    # and frame-rate chunks that end inside a block.
+    one_short = (whole.shape[-1] - 1) / model24.frame_rate
+    for block_seconds, chunk_seconds in ((1.0, None), (one_short, None), (1.0, 2.5), (1.0, one_short)):
+        audio = _stream_decode(model24, runs, block_seconds, chunk_seconds)
         assert audio.shape == expected.shape
         diff = (audio - expected).abs().max().item()
-        print(f"24 kHz streamed decode, blocks of {block_seconds:.2f} s: max |diff| = {diff:.3g}")
+        print(f"24 kHz streamed decode, blocks of {block_seconds:.2f} s, chunks of {chunk_seconds} s: "
+              f"max |diff| = {diff:.3g}")
         assert diff <= AUDIO_TOL
 
 
@@ -229,10 +236,14 @@ def test_tiny_causal_exact_and_bounded() -> None:
     assert torch.equal(_joined(segments), whole.codes)
     assert audio.shape == expected.shape
     assert (audio - expected).abs().max().item() <= AUDIO_TOL
-    _assert_not_growing(enc_held, slack=piece)
-    _assert_not_growing(dec_held, slack=max(seg.codes.numel() for seg in segments))
+    # Besides input, the encoder holds up to a chunk of LSTM inputs (64 channels).
+    feats = encoder.chunk_frames * encoder._lstm.lstm.input_size
+    _assert_not_growing(enc_held, slack=piece + feats)
+    # The decoder: a run of codes, and LSTM outputs waiting for the next block.
+    waiting = decoder.block_frames * decoder._lstm.lstm.hidden_size
+    _assert_not_growing(dec_held, slack=max(seg.codes.numel() for seg in segments) + waiting)
     # A few blocks of input at most (the tiny model's minimum blocks are ~4 s and ~17 s).
-    assert max(enc_held) <= 12 * rate
+    assert max(enc_held) <= 12 * rate + feats
     assert max(dec_held) <= 2 * 4 * 1300 + 2 * 64 * 1300
 
 

@@ -13,6 +13,10 @@ once. Two kinds of model, two strategies:
   history. Windows start on multiples of the hop, so every strided layer keeps its
   alignment, and the last block's end-of-file padding is the whole-file one. Internal
   blocks (``block_seconds``) are independent of how much the caller pushes at a time.
+  The sample-rate layers (the encoder's convolutions before the LSTM, the decoder's
+  after it) hold most of the activations and run on short blocks; the frame-rate ones
+  (LSTM, quantiser, the convolutions beside them) hold little per second but pay a fixed
+  cost per call, so they run on longer chunks (``chunk_seconds``) of the same frames.
 
 * **Segmented** (the 48 kHz model). Segments are encoded as soon as they are complete,
   grouped into batched passes exactly as :meth:`EncodecModel.encode` / ``decode`` group
@@ -58,7 +62,7 @@ from torch import nn
 from ..errors import ModelError
 from .encodec import EncodecModel, EncodedSegment
 from .modules import SConv1d, SConvTranspose1d, SLSTM
-from .seanet import SEANetResnetBlock
+from .seanet import SEANetResnetBlock, run_layers
 
 # PyTorch (CPU, float32, batch of one) convolves with oneDNN only above this many input
 # elements per call (channels x width); below it a GEMM fallback rounds differently.
@@ -73,6 +77,10 @@ MIN_ROWS = 16
 DEFAULT_BLOCK_SECONDS = 2.0
 # The decoder's activations per second of audio are larger; its blocks are shorter.
 DEFAULT_DECODER_BLOCK_SECONDS = 1.0
+# The frame-rate layers (LSTM, the convs beside it, the quantiser) hold little data per
+# second but pay a fixed cost per call (oneDNN re-packs the LSTM's 8 MB of weights on
+# every call: ~15 ms, as much as 110 of its time steps), so they run on longer chunks.
+DEFAULT_CHUNK_SECONDS = 10.0
 
 _ELEMENTWISE = (nn.ELU, nn.Identity)
 
@@ -175,9 +183,8 @@ def _split_at_lstm(seq: nn.Sequential) -> tuple[list[nn.Module], SLSTM | None, l
 
 
 def _run(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    for module in modules:
-        x = module(x)
-    return x
+    # ELUs in place on fresh outputs, as in the whole-file pass (same bits, less traffic).
+    return run_layers(modules, x)
 
 
 def _lstm_step(slstm: SLSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
@@ -215,6 +222,12 @@ def _with_history(hist: torch.Tensor | None, new: torch.Tensor, keep: int, use: 
     # The kept steps are copied, so that the block they came from can be freed.
     kept = full.narrow(dim, max(0, length - keep), min(keep, length)).clone()
     return full.narrow(dim, length - used, used), kept
+
+
+def _check_seconds(**lengths: float) -> None:
+    for name, value in lengths.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
 
 
 def _streamable(model: EncodecModel) -> None:
@@ -327,12 +340,12 @@ class StreamingEncoder:
     """
 
     def __init__(self, model: EncodecModel, num_codebooks: int,
-                 block_seconds: float = DEFAULT_BLOCK_SECONDS) -> None:
+                 block_seconds: float = DEFAULT_BLOCK_SECONDS,
+                 chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> None:
         _streamable(model)
         if not 1 <= num_codebooks <= model.max_codebooks:
             raise ModelError(f"{model.name} has {model.max_codebooks} codebooks, asked for {num_codebooks}")
-        if not block_seconds > 0:
-            raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+        _check_seconds(block_seconds=block_seconds, chunk_seconds=chunk_seconds)
         self.model = model
         self.num_codebooks = num_codebooks
         self.num_samples = 0
@@ -342,7 +355,11 @@ class StreamingEncoder:
         self._seg_stride = model.segment_stride
         self._next = 0  # causal: next frame to emit; segmented: next segment's start sample
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None  # LSTM (h, c)
-        self._hist: torch.Tensor | None = None  # last LSTM outputs (after the skip), [T, B, C]
+        # Inputs of the layers after the LSTM (its outputs, after the skip; [T, B, C]) kept
+        # as their history; without an LSTM, the latents ([B, C, T]).
+        self._hist: torch.Tensor | None = None
+        self._feats: list[torch.Tensor] = []  # exact stack outputs not yet past the LSTM
+        self._feat_frames = 0
         self._run_pieces = _Runs(_segments_per_pass(model), lambda w: tuple(w.shape))
         if self._seg_len is not None:
             return
@@ -362,6 +379,8 @@ class StreamingEncoder:
         min_block = max(-(-self._min_window // hop), _min_input_width(self._tail, threads), MIN_ROWS,
                         tail_reach + 1)
         self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
+        # The layers from the LSTM on run on chunks of this many frames.
+        self.chunk_frames = max(self.block_frames, round(chunk_seconds * model.frame_rate))
         self._keep = max(self._context, self._min_window)  # samples kept before frame _next
 
     # ------------------------------------------------------------------ public
@@ -379,7 +398,9 @@ class StreamingEncoder:
             return self._segments(final=False)
         out = []
         while (self._next + self.block_frames) * self._hop <= self.num_samples:
-            out.append(self._block(self.block_frames, final=False))
+            self._stack_block(self.block_frames, final=False)
+            while self._feat_frames >= self.chunk_frames:
+                out.append(self._frame_chunk(self.chunk_frames, final=False))
         return out
 
     @torch.inference_mode()
@@ -399,14 +420,19 @@ class StreamingEncoder:
             self._release()
             return [seg]
         total_frames = -(-self.num_samples // self._hop)
-        remaining = total_frames - self._next
-        out = [self._block(remaining, final=True)] if remaining > 0 else []
+        if total_frames > self._next:
+            self._stack_block(total_frames - self._next, final=True)
+        out = []
+        while self._feat_frames > self.chunk_frames:
+            out.append(self._frame_chunk(self.chunk_frames, final=False))
+        if self._feat_frames:
+            out.append(self._frame_chunk(self._feat_frames, final=True))
         self._release()
         return out
 
     def buffered_elements(self) -> int:
         """Tensor elements held between calls; bounded, whatever the input length."""
-        return (self._buf.numel() + _numel(self._hist, self._state)
+        return (self._buf.numel() + _numel(self._hist, self._state, *self._feats)
                 + sum(w.numel() for w in self._run_pieces.items))
 
     # ------------------------------------------------------------------ internals
@@ -423,6 +449,7 @@ class StreamingEncoder:
         self._buf = _InputBuffer()
         self._hist = None
         self._state = None
+        self._feats, self._feat_frames = [], 0
 
     def _segments(self, final: bool) -> list[EncodedSegment]:
         """Encode the segments that are complete (all that are left if ``final``)."""
@@ -445,30 +472,46 @@ class StreamingEncoder:
             return self.model.encode_segments(run, self.num_codebooks)  # type: ignore[attr-defined]
         return [self.model.encode_segment(w, self.num_codebooks) for w in run]
 
-    def _block(self, frames: int, final: bool) -> EncodedSegment:
-        """Codes of frames ``[_next, _next + frames)``; ``final`` when they reach the end."""
+    def _stack_block(self, frames: int, final: bool) -> None:
+        """Run the layers before the LSTM for frames ``[_next, _next + frames)``; ``final``
+        when they reach the end of the input. The exact frames wait for the LSTM."""
         hop = self._hop
         a = self._next
         end = self.num_samples if final else (a + frames) * hop
         # Left context for exactness, widened (on frame boundaries) to the minimum window.
         start = max(0, min(a * hop - self._context, (end - self._min_window) // hop * hop))
         feats = _run(self._stack, self._buf.read(start, end))
+        # A copy of the exact frames, so that the rest of the window can be freed.
+        self._feats.append(feats[..., -frames:].clone() if feats.shape[-1] > frames else feats)
+        self._feat_frames += frames
+        self._next = a + frames
+        self._buf.drop_before(self._next * hop - self._keep)
+
+    def _take_feats(self, frames: int) -> torch.Tensor:
+        feats = torch.cat(self._feats, dim=-1) if len(self._feats) > 1 else self._feats[0]
+        rest = feats[..., frames:]
+        self._feats = [rest] if rest.shape[-1] else []
+        self._feat_frames -= frames
+        return feats[..., :frames]
+
+    def _frame_chunk(self, frames: int, final: bool) -> EncodedSegment:
+        """Codes of the next ``frames`` waiting frames; ``final`` when they are the last."""
+        feats = self._take_feats(frames)
+        spoilt = 0 if self._hist is None else self._tail_reach
+        use = self._history if final else self._tail_reach
         if self._lstm is None:
-            latent, spoilt = feats, (self._context // hop if start else 0)
+            latent, self._hist = _with_history(self._hist, feats, self._history, use, dim=-1)
+            latent = _run(self._tail, latent)
         else:
-            spoilt = 0 if self._hist is None else self._tail_reach
-            y, self._state = _lstm_step(self._lstm, feats[..., -frames:], self._state, last=final)
+            y, self._state = _lstm_step(self._lstm, feats, self._state, last=final)
             # Time-major, so that the layers after the LSTM see the memory layout they see
             # in the whole-file pass (an ELU's scalar tail rounds differently).
-            z, self._hist = _with_history(self._hist, y, self._history,
-                                          self._history if final else self._tail_reach, dim=0)
+            z, self._hist = _with_history(self._hist, y, self._history, use, dim=0)
             latent = _run(self._tail, z.permute(1, 2, 0))
         # The quantiser gets at least MIN_ROWS frames (recomputing some already sent) when
         # there are that many exact ones: leading frames spoilt by the window start are not.
         rows = min(latent.shape[-1] - spoilt, max(frames, MIN_ROWS))
         codes = self.model.quantizer.encode(latent[..., -rows:], self.num_codebooks)[..., -frames:]
-        self._next = a + frames
-        self._buf.drop_before(self._next * hop - self._keep)
         return EncodedSegment(codes=codes, scale=None)
 
 
@@ -482,10 +525,10 @@ class StreamingDecoder:
     :meth:`EncodecModel.decode` on all segments (to float rounding), untrimmed.
     """
 
-    def __init__(self, model: EncodecModel, block_seconds: float = DEFAULT_DECODER_BLOCK_SECONDS) -> None:
+    def __init__(self, model: EncodecModel, block_seconds: float = DEFAULT_DECODER_BLOCK_SECONDS,
+                 chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> None:
         _streamable(model)
-        if not block_seconds > 0:
-            raise ValueError(f"block_seconds must be positive, got {block_seconds}")
+        _check_seconds(block_seconds=block_seconds, chunk_seconds=chunk_seconds)
         self.model = model
         self._done = False
         self._shape: tuple[int, ...] | None = None  # (B, K) of the codes
@@ -498,13 +541,17 @@ class StreamingDecoder:
         self._acc: torch.Tensor | None = None  # weighted sum from _emitted on
         self._wsum: torch.Tensor | None = None
         self._emitted = 0
-        # causal: pending codes, LSTM state and the histories of the two windowed parts
+        # causal: pending codes, LSTM state, the histories of the two windowed parts and
+        # the LSTM's outputs waiting for the layers after it ([T, B, C]; without an LSTM,
+        # the latents, [B, C, T])
         self._codes: list[torch.Tensor] = []
         self._pending = 0
-        self._decoded = 0  # frames decoded so far
+        self._decoded = 0  # frames through the LSTM so far
         self._state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lat_hist: torch.Tensor | None = None
         self._y_hist: torch.Tensor | None = None
+        self._mid: list[torch.Tensor] = []
+        self._mid_frames = 0
         if self._seg_stride is not None:
             return
         hop = model.hop_length
@@ -519,11 +566,13 @@ class StreamingDecoder:
         # Frames kept before each part: its reach, plus enough that a one-frame final
         # block still makes full-size calls. Without an LSTM the latents feed everything.
         self._post_history = self._post_reach + _min_input_width(self._post, threads)
-        self._pre_history = (self._post_history if self._lstm is None
-                             else self._pre_reach + _min_input_width(self._pre, threads))
+        self._pre_history = self._pre_reach + _min_input_width(self._pre, threads)
         min_block = max(_min_input_width(self._pre, threads), _min_input_width(self._post, threads), MIN_ROWS,
                         self._pre_reach + 1, self._post_reach + 1)
+        # The layers after the LSTM run on blocks of this many frames, the quantiser, the
+        # LSTM and the layers before it on chunks of at least as many.
         self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
+        self.chunk_frames = max(self.block_frames, round(chunk_seconds * model.frame_rate))
 
     @torch.inference_mode()
     def push(self, segment: EncodedSegment) -> torch.Tensor:
@@ -541,8 +590,10 @@ class StreamingDecoder:
             self._codes.append(codes.clone())
             self._pending += codes.shape[-1]
         out = []
-        while self._pending >= self.block_frames:
-            out.append(self._block(self.block_frames, final=False))
+        while self._pending >= self.chunk_frames:
+            self._frame_chunk(self.chunk_frames, final=False)
+            while self._mid_frames >= self.block_frames:
+                out.append(self._post_block(self.block_frames, final=False))
         return self._cat(out)
 
     @torch.inference_mode()
@@ -555,20 +606,24 @@ class StreamingDecoder:
             pieces = [self._overlap_add(frame) for frame in self._decode_run(self._run_segments.close_run())]
             pieces.append(self._overlap_add(None))
             return self._cat(pieces)
-        if self._pending == 0:
-            return self._cat([])
-        if self._decoded == 0:
-            # Nothing decoded yet: one whole-file call, identical by definition.
-            out = self.model.decode_segment(EncodedSegment(self._take(self._pending), None))
-        else:
-            out = self._block(self._pending, final=True)
+        out = []
+        if self._decoded == 0 and 0 < self._pending < self.block_frames:
+            # Less than a block in all: one whole-file call, identical by definition.
+            out.append(self.model.decode_segment(EncodedSegment(self._take(self._pending), None)))
+        while self._pending:
+            frames = min(self._pending, self.chunk_frames)
+            self._frame_chunk(frames, final=frames == self._pending)
+        while self._mid_frames:
+            frames = self._mid_frames if self._mid_frames <= self.block_frames else self.block_frames
+            out.append(self._post_block(frames, final=frames == self._mid_frames))
         self._lat_hist = self._y_hist = self._state = None
-        return out
+        return self._cat(out)
 
     def buffered_elements(self) -> int:
         """Tensor elements held between calls; bounded, whatever the input length."""
         return (sum(c.numel() for c in self._codes)
-                + _numel(self._lat_hist, self._y_hist, self._state, self._acc, self._wsum, self._weight)
+                + _numel(self._lat_hist, self._y_hist, self._state, self._acc, self._wsum, self._weight,
+                         *self._mid)
                 + sum(seg.codes.numel() for seg in self._run_segments.items))
 
     # ------------------------------------------------------------------ internals
@@ -602,22 +657,34 @@ class StreamingDecoder:
         self._pending -= frames
         return taken
 
-    def _block(self, frames: int, final: bool) -> torch.Tensor:
+    def _frame_chunk(self, frames: int, final: bool) -> None:
+        """The next ``frames`` codes through the quantiser, the LSTM and the layers before
+        it; ``final`` when they are the last. The results wait for :meth:`_post_block`."""
         try:
             lat = self.model.quantizer.decode(self._take(frames).long())
         except ValueError as exc:
             raise ModelError(str(exc)) from None
-        reach = self._post_reach if self._lstm is None else self._pre_reach
-        x, self._lat_hist = _with_history(self._lat_hist, lat, self._pre_history,
-                                          self._pre_history if final else reach, dim=-1)
-        z = x
-        if self._lstm is not None:
+        if self._lstm is None:
+            self._mid.append(lat)
+        else:
+            x, self._lat_hist = _with_history(self._lat_hist, lat, self._pre_history,
+                                              self._pre_history if final else self._pre_reach, dim=-1)
             z = _run(self._pre, x)[..., -frames:]
             y, self._state = _lstm_step(self._lstm, z, self._state, last=final)
-            y_all, self._y_hist = _with_history(self._y_hist, y, self._post_history,
-                                                self._post_history if final else self._post_reach, dim=0)
-            z = y_all.permute(1, 2, 0)
+            self._mid.append(y)
+        self._mid_frames += frames
         self._decoded += frames
+
+    def _post_block(self, frames: int, final: bool) -> torch.Tensor:
+        """Audio of the next ``frames`` waiting frames; ``final`` when they are the last."""
+        dim = -1 if self._lstm is None else 0
+        mid = torch.cat(self._mid, dim=dim) if len(self._mid) > 1 else self._mid[0]
+        y, rest = mid.narrow(dim, 0, frames), mid.narrow(dim, frames, mid.shape[dim] - frames)
+        self._mid = [rest] if rest.shape[dim] else []
+        self._mid_frames -= frames
+        y_all, self._y_hist = _with_history(self._y_hist, y, self._post_history,
+                                            self._post_history if final else self._post_reach, dim=dim)
+        z = y_all if self._lstm is None else y_all.permute(1, 2, 0)
         return _run(self._post, z)[..., -frames * self._hop:]
 
     def _decode_run(self, run: list[EncodedSegment]) -> list[torch.Tensor]:
