@@ -8,10 +8,14 @@ untrusted input and must never be able to run code.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
+import mmap
 import os
 import re
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -158,10 +162,21 @@ def download_checkpoint(filename: str, *, url: Optional[str] = None,
     return target
 
 
-def _load_checkpoint_file(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers: never runs pickled code."""
+def _load_checkpoint_file(path: Path) -> Tuple[Any, bool]:
+    """``torch.load`` restricted to tensors and plain containers: never runs pickled code.
+
+    Returns (the object, whether its tensors are memory-mapped from the file). Mapped, the
+    weights a process never touches (the other half of the model, training statistics)
+    never take memory; files in torch's legacy format are read whole.
+    """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True), True
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass  # reported below
+    except Exception:  # legacy format, or damaged: the plain load says which
+        pass
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True), False
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
@@ -181,7 +196,10 @@ def _split_checkpoint(obj: Any, path: Path) -> Tuple[Optional[dict], Mapping[str
         config = obj.get("config")
         if config is not None and not isinstance(config, Mapping):
             raise WeightsError(f"{path}: checkpoint 'config' is not a mapping")
-        return (dict(config) if config is not None else None), obj["state_dict"]
+        state_dict = obj["state_dict"]
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+            raise WeightsError(f"{path}: checkpoint 'state_dict' holds something other than named tensors")
+        return (dict(config) if config is not None else None), state_dict
     if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return None, obj
     raise WeightsError(f"{path}: checkpoint is neither a state dict nor ecdc's checkpoint layout")
@@ -217,21 +235,60 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],
+                        after_each: Optional[Callable[[torch.Tensor], None]] = None) -> bytes:
     """16 bytes identifying a set of weights, independent of how the file stored them.
 
     Hashes every tensor (as float32 for floating tensors, so an fp16-stored copy of the
-    same values and its fp32 load agree) in sorted key order.
+    same values and its fp32 load agree) in sorted key order. ``after_each`` is called
+    with each tensor once it is hashed.
     """
     digest = hashlib.sha256()
     for key in sorted(state_dict):
-        tensor = state_dict[key].detach().cpu()
+        original = state_dict[key].detach()
+        tensor = original.cpu()
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
         digest.update(key.encode("utf-8"))
         digest.update(str(tuple(tensor.shape)).encode("ascii"))
         digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))  # no copy
+        if after_each is not None:
+            after_each(original)
     return digest.digest()[:16]
+
+
+_MADV_DONTNEED = 4
+_madvise: Any = None
+
+
+def _release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Drop the resident pages of a tensor memory-mapped, unmodified, from a file.
+
+    Hashing reads every weight; without this, all of the file's pages would stay in this
+    process's memory, though one direction of coding needs only half of them. The data is
+    intact: the pages are read back from the file when next used. Never call it on
+    anonymous memory, which it would zero. Linux only; elsewhere (or on failure) a no-op.
+    """
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                _madvise = libc.madvise
+                _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                _madvise = False
+    if not _madvise or tensor.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    storage = tensor.untyped_storage()
+    start = storage.data_ptr()
+    end = start + storage.nbytes()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside only
+    if last > first:
+        _madvise(first, last - first, _MADV_DONTNEED)
 
 
 def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> EncodecModel:
@@ -259,7 +316,9 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
     """Load a model by registry name and/or checkpoint path; return it and its fingerprint."""
     if checkpoint is not None:
         path = Path(checkpoint)
-        embedded, state_dict = _split_checkpoint(_load_checkpoint_file(path), path)
+        loaded, mapped = _load_checkpoint_file(path)
+        embedded, state_dict = _split_checkpoint(loaded, path)
+        del loaded
         config = _config_for_path(path, embedded, name)
         source = str(path)
     else:
@@ -270,12 +329,18 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
             path = Path(__file__).parent / spec.packaged
         else:
             path = download_checkpoint(spec.filename, progress=progress)
-        embedded, state_dict = _split_checkpoint(_load_checkpoint_file(path), path)
+        loaded, mapped = _load_checkpoint_file(path)
+        embedded, state_dict = _split_checkpoint(loaded, path)
+        del loaded
         config = spec.config
         source = str(path)
+    # The checkpoint's keys are the model's (build_model loads strictly), so its
+    # fingerprint is the model's. Hashed before the model exists: a mapped file's pages
+    # are released as they are hashed, before anything can have written to them.
+    fingerprint = weights_fingerprint(state_dict, _release_mapped_pages if mapped else None)
     model = build_model(config, state_dict, source)
     del state_dict, embedded  # the model holds the tensors it needs now
-    return model, weights_fingerprint(model.state_dict())
+    return model, fingerprint
 
 
 def _no_default_message() -> str:

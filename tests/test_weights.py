@@ -180,3 +180,30 @@ def test_fingerprint_ignores_storage_precision():
     as_half = {k: (v.half() if v.is_floating_point() else v) for k, v in halved.items()}
     assert weights.weights_fingerprint(halved) == weights.weights_fingerprint(as_half)
     assert weights.weights_fingerprint(state) != weights.weights_fingerprint(random_model(TINY_MONO, 1).state_dict())
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["mapped", "legacy-format"])
+def test_mapped_checkpoint_pages_released_after_hashing_are_intact(tmp_path, zipfile):
+    """Checkpoints are memory-mapped and each tensor's pages dropped once hashed (so the
+    half of the model a process never uses takes no memory); the data must come back
+    from the file unchanged. torch's legacy format cannot be mapped and is read whole."""
+    model = random_model(TINY_MONO, seed=4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "w.th"
+    torch.save({"config": TINY_MONO.to_dict(), "state_dict": state}, path,
+               _use_new_zipfile_serialization=zipfile)
+    loaded, fingerprint = weights.load_weights(checkpoint=str(path))
+    assert fingerprint == weights.weights_fingerprint(state)
+    for key, value in loaded.state_dict().items():  # read back after the release
+        assert torch.equal(value, state[key]), key
+    assert weights.weights_fingerprint(loaded.state_dict()) == fingerprint
+    wav = torch.from_numpy(test_signal(1.0, 24000)[None]).float()
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode(wav, 6.0)[0].codes, model.encode(wav, 6.0)[0].codes)
+
+
+def test_state_dict_with_non_tensors_is_refused(tmp_path):
+    path = tmp_path / "w.th"
+    torch.save({"config": TINY_MONO.to_dict(), "state_dict": {"a": 1}}, path)
+    with pytest.raises(WeightsError, match="other than named tensors"):
+        weights.load_weights(checkpoint=str(path))

@@ -224,6 +224,13 @@ def _with_history(hist: torch.Tensor | None, new: torch.Tensor, keep: int, use: 
     return full.narrow(dim, length - used, used), kept
 
 
+def _history_to_use(reach: int, history: int, frames: int, final: bool) -> int:
+    """Steps of history to put before ``frames`` new ones: the layers' ``reach``; for a
+    short last block, enough more that the call is ``history`` wide (full-size calls) but
+    no wider (a block's activations set the peak memory)."""
+    return max(reach, history - frames) if final else reach
+
+
 def _check_seconds(**lengths: float) -> None:
     for name, value in lengths.items():
         if not value > 0:
@@ -498,7 +505,7 @@ class StreamingEncoder:
         """Codes of the next ``frames`` waiting frames; ``final`` when they are the last."""
         feats = self._take_feats(frames)
         spoilt = 0 if self._hist is None else self._tail_reach
-        use = self._history if final else self._tail_reach
+        use = _history_to_use(self._tail_reach, self._history, frames, final)
         if self._lstm is None:
             latent, self._hist = _with_history(self._hist, feats, self._history, use, dim=-1)
             latent = _run(self._tail, latent)
@@ -668,7 +675,8 @@ class StreamingDecoder:
             self._mid.append(lat)
         else:
             x, self._lat_hist = _with_history(self._lat_hist, lat, self._pre_history,
-                                              self._pre_history if final else self._pre_reach, dim=-1)
+                                              _history_to_use(self._pre_reach, self._pre_history, frames, final),
+                                              dim=-1)
             z = _run(self._pre, x)[..., -frames:]
             y, self._state = _lstm_step(self._lstm, z, self._state, last=final)
             self._mid.append(y)
@@ -683,7 +691,8 @@ class StreamingDecoder:
         self._mid = [rest] if rest.shape[dim] else []
         self._mid_frames -= frames
         y_all, self._y_hist = _with_history(self._y_hist, y, self._post_history,
-                                            self._post_history if final else self._post_reach, dim=dim)
+                                            _history_to_use(self._post_reach, self._post_history, frames, final),
+                                            dim=dim)
         z = y_all if self._lstm is None else y_all.permute(1, 2, 0)
         return _run(self._post, z)[..., -frames * self._hop:]
 
