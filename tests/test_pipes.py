@@ -182,8 +182,8 @@ def test_compress_output_flows_before_stdin_closes(tiny_mono_ckpt):
 
 def test_decompress_output_flows_before_input_ends(tiny_mono_ckpt):
     codec = load_model(str(tiny_mono_ckpt))
-    # The tiny model's streaming decoder works in blocks of ~17 s (its narrow convolutions
-    # need wide windows to stay on the same CPU kernels); real models use ~5 s.
+    # The tiny model's streaming decoder works in chunks of ~17 s (its narrow convolutions
+    # need wide windows to stay on the same CPU kernels); real models use 10 s.
     encoded = codec.encode(test_signal(21.0, 24000), 24000, 6.0)
     data = encoded.to_bytes()
     assert len(encoded.chunks) == 21

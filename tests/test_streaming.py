@@ -122,7 +122,7 @@ def test_decode_matches_whole_file_24khz(model24: EncodecModel, clip24) -> None:
     cuts = itertools.accumulate(itertools.cycle((1, 37, 150, 2)))
     bounds = [0, *itertools.takewhile(lambda c: c < whole.shape[-1], cuts), whole.shape[-1]]
     runs = [EncodedSegment(whole[..., a:b], None) for a, b in zip(bounds, bounds[1:])]
-    # 1 s blocks (the decoder's minimum, 161 frames), blocks leaving a 1-frame remainder,
+    # 1 s blocks (75 frames; the minimum is 65), blocks leaving a 1-frame remainder,
     # and frame-rate chunks that end inside a block.
     one_short = (whole.shape[-1] - 1) / model24.frame_rate
     for block_seconds, chunk_seconds in ((1.0, None), (one_short, None), (1.0, 2.5), (1.0, one_short)):

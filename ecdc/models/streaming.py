@@ -574,12 +574,12 @@ class StreamingDecoder:
         # block still makes full-size calls. Without an LSTM the latents feed everything.
         self._post_history = self._post_reach + _min_input_width(self._post, threads)
         self._pre_history = self._pre_reach + _min_input_width(self._pre, threads)
-        min_block = max(_min_input_width(self._pre, threads), _min_input_width(self._post, threads), MIN_ROWS,
-                        self._pre_reach + 1, self._post_reach + 1)
-        # The layers after the LSTM run on blocks of this many frames, the quantiser, the
-        # LSTM and the layers before it on chunks of at least as many.
+        # The layers after the LSTM run on blocks of this many frames; the quantiser, the
+        # LSTM and the layers before it on chunks. Each has its own smallest full size.
+        min_block = max(_min_input_width(self._post, threads), MIN_ROWS, self._post_reach + 1)
+        min_chunk = max(_min_input_width(self._pre, threads), MIN_ROWS, self._pre_reach + 1)
         self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
-        self.chunk_frames = max(self.block_frames, round(chunk_seconds * model.frame_rate))
+        self.chunk_frames = max(min_chunk, round(chunk_seconds * model.frame_rate))
 
     @torch.inference_mode()
     def push(self, segment: EncodedSegment) -> torch.Tensor:
