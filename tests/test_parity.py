@@ -299,3 +299,23 @@ def test_cuda_parity() -> None:
             assert torch.equal(seg.codes, codes)
         diff = (ours.decode(segments) - ref.decode(ref_frames)).abs().max().item()
     assert diff <= AUDIO_TOL
+
+
+def test_48khz_batched_passes_match_the_reference() -> None:
+    """A clip long enough for a full batched pass (16 segments: convolutions 4 at a time,
+    the LSTM on all 16) and then shorter runs: codes and scales as the reference's, which
+    codes one segment at a time."""
+    p = _pairs("encodec_48khz")
+    per_pass = p.ours.DEFAULT_BATCH_SEGMENTS
+    assert per_pass > p.ours.CONV_BATCH_SEGMENTS
+    wav = make_test_audio(48000, 2, int((per_pass + 1.3) * 48000) + 17, seed=5)
+    with torch.inference_mode():
+        p.ref.set_target_bandwidth(24.0)
+        ref_frames = p.ref.encode(wav)
+        segments = p.ours.encode(wav, 24.0)
+        diff = (p.ours.decode(segments) - p.ref.decode(ref_frames)).abs().max().item()
+    assert len(segments) == len(ref_frames) > per_pass + 1
+    for seg, (ref_codes, ref_scale) in zip(segments, ref_frames):
+        assert torch.equal(seg.codes, ref_codes)
+        assert torch.equal(seg.scale, ref_scale.view(-1))
+    assert diff <= AUDIO_TOL

@@ -267,8 +267,10 @@ def test_segmented_memory_is_bounded() -> None:
     config = TINY_STEREO
     model = random_model(config, seed=3)
     rate, piece = config.sample_rate, config.sample_rate // 3
-    # 12 s: three batched passes of segments, enough to see the held state cycle.
-    wav = make_test_audio(rate, config.channels, 12 * rate + 211, seed=1)
+    per_pass = model.DEFAULT_BATCH_SEGMENTS
+    # Four batched passes of segments: the first half of the stream holds a whole cycle
+    # of the held state, so the second half can be checked against it.
+    wav = make_test_audio(rate, config.channels, 4 * per_pass * rate + 211, seed=1)
     segments, audio, enc_held, dec_held = _push_all(
         StreamingEncoder(model, 2), StreamingDecoder(model), wav, piece)
     seg_len, stride = model.segment_length, model.segment_stride
@@ -277,8 +279,8 @@ def test_segmented_memory_is_bounded() -> None:
     _assert_not_growing(enc_held, slack=config.channels * piece)
     _assert_not_growing(dec_held, slack=segments[0].codes.numel())
     # The segments of one batched pass plus a push, and the overlap being cross-faded.
-    assert max(enc_held) <= config.channels * (5 * seg_len + piece)
-    assert max(dec_held) <= config.channels * 2 * seg_len + 5 * segments[0].codes.numel()
+    assert max(enc_held) <= config.channels * ((per_pass + 1) * seg_len + piece)
+    assert max(dec_held) <= config.channels * 2 * seg_len + (per_pass + 1) * segments[0].codes.numel()
 
 
 # --------------------------------------------------------------------------- API errors

@@ -107,6 +107,31 @@ def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def run_layers_batched(layers: Sequence[nn.Module], x: torch.Tensor, conv_batch: int) -> torch.Tensor:
+    """:func:`run_layers` on a batch of independent items, with every layer but the LSTMs
+    given at most ``conv_batch`` items at a time; each LSTM gets the whole batch.
+
+    Why: an LSTM step is a matrix product over the batch whose cost is dominated by reading
+    its weights, so 16 items cost little more than 4 (6.2 against 9.7 ms per 48 kHz segment
+    measured on 2 cores), while convolutions over many items at once spill out of the cache.
+    Each item's result is the one the same sub-batch gives in :func:`run_layers` (the LSTM
+    gives the same bits for any batch of 4 or more items).
+    """
+    if x.shape[0] <= conv_batch:
+        return run_layers(layers, x)
+    group: list[nn.Module] = []
+    for layer in [*layers, None]:
+        if layer is not None and not isinstance(layer, SLSTM):
+            group.append(layer)
+            continue
+        if group:
+            x = torch.cat([run_layers(group, x[i:i + conv_batch]) for i in range(0, x.shape[0], conv_batch)])
+            group = []
+        if layer is not None:
+            x = layer(x)
+    return x
+
+
 def _check(n_filters: int, ratios: Sequence[int], n_residual_layers: int, lstm_layers: int) -> None:
     if n_filters < 1:
         raise ValueError(f"n_filters must be positive, got {n_filters}")
