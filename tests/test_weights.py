@@ -8,6 +8,8 @@ import http.server
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -207,3 +209,22 @@ def test_state_dict_with_non_tensors_is_refused(tmp_path):
     torch.save({"config": TINY_MONO.to_dict(), "state_dict": {"a": 1}}, path)
     with pytest.raises(WeightsError, match="other than named tensors"):
         weights.load_weights(checkpoint=str(path))
+
+
+def test_loading_weights_stays_out_of_torchs_symbolic_machinery(tiny_mono_ckpt):
+    """Building the model on the meta device must not run torch's Python decompositions:
+    their first use imports sympy and ~800 modules, ~65 MiB of resident memory in every
+    CLI process (the streaming memory target is a few hundred MiB)."""
+    script = (
+        "import sys, torch\n"
+        "from ecdc import weights\n"
+        "assert 'sympy' not in sys.modules, 'torch itself imported sympy'\n"
+        f"model, _ = weights.load_weights(checkpoint={str(tiny_mono_ckpt)!r})\n"
+        "with torch.inference_mode():\n"
+        "    model.decode(model.encode(torch.zeros(1, 1, 24000), 6.0))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sympy', 'mpmath')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -126,7 +126,14 @@ class _WeightNormMixin:
     def _split_weight(self) -> None:
         weight = self._parameters.pop("weight").detach()
         dims = [1] * (weight.dim() - 1)
-        g = weight.reshape(weight.shape[0], -1).norm(2, dim=1).view(-1, *dims)
+        if weight.is_meta:
+            # Built on the meta device to be given a state dict's tensors (see
+            # ecdc.weights.build_model): shapes only. A norm on meta tensors would run
+            # torch's Python decompositions, whose first use imports sympy and ~800
+            # modules (~65 MiB of resident memory in every CLI process).
+            g = weight.new_empty(weight.shape[0], *dims)
+        else:
+            g = weight.reshape(weight.shape[0], -1).norm(2, dim=1).view(-1, *dims)
         self.register_parameter("weight_g", nn.Parameter(g.clone()))
         self.register_parameter("weight_v", nn.Parameter(weight.clone()))
 
