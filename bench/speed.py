@@ -1,8 +1,8 @@
 """Inference speed of ecdc against Meta's reference EnCodec, and peak memory of the CLI.
 
-    python bench/speed.py               # full run (about 15-25 min on 2 cores)
+    python bench/speed.py               # full run (about 20-30 min on 2 cores)
     python bench/speed.py --quick       # no 3-minute clips, no 60-minute RSS run
-    python bench/speed.py --reps 5 --api model
+    python bench/speed.py --reps 3 --api model
 
 Both sides use the same weights: the official architectures with seeded random weights and
 realistic codebooks (``tests/refstub.make_reference_model``, needs ``encodec==0.1.1``
@@ -11,6 +11,8 @@ case times the reference and ecdc alternately in one process (the order swaps ev
 repetition), so machine noise hits both alike, and prints median real-time factors (seconds
 of compute per second of audio; lower is faster) and their ratio (reference / ecdc; above
 1 means ecdc is faster), for compress (audio -> codes) and decompress (codes -> audio).
+Clips shorter than a minute get three times the repetitions of the long ones: they are
+cheap, and on a shared machine a single slow repetition moves a median of few.
 Every case checks that ecdc's codes are identical to the reference's.
 
 ecdc's side (``--api``):
@@ -146,6 +148,8 @@ def reference_codes(frames, segmented: bool) -> list[torch.Tensor]:
 
 def run_case(case: Case, ref, ours: EcdcSide, reps: int) -> Result:
     cfg = CONFIGS[case.model]
+    if case.seconds < 60:
+        reps *= 3
     wav = make_test_audio(cfg.sample_rate, cfg.channels, int(case.seconds * cfg.sample_rate), seed=11)
     ref.set_target_bandwidth(case.bandwidth)
     res = Result(case)
@@ -285,7 +289,8 @@ def print_memory_table(rows: list[tuple]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip the 3-minute clips and the 60-minute RSS run")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions per case (default 3)")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="repetitions per long case, three times as many for clips under a minute (default 5)")
     parser.add_argument("--api", choices=("codec", "streaming", "model"), default="codec",
                         help="ecdc entry point timed (default: codec, the library's real path)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     tuned = perf.tune_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(ecdc LSTM: {perf.lstm_threads() or 'same'}), {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}, ecdc API: {args.api}, {args.reps} reps, seed {SEED}, "
+          f"{os.getloadavg()[0]:.2f}, ecdc API: {args.api}, {args.reps} reps ({3 * args.reps} under a minute), seed {SEED}, "
           f"malloc tuning {'on' if tuned else 'off'} (both sides)")
 
     if not args.no_speed:
