@@ -238,12 +238,15 @@ def test_padding_helpers_match_reference() -> None:
                 x = torch.zeros(1, 1, length)
                 assert extra_padding_for_conv1d(length, kernel, stride, total) == \
                     conv.get_extra_padding_for_conv1d(x, kernel, stride, total)
-    for length in range(1, 9):
-        x = torch.randn(2, 3, length)
-        for left in range(0, 8):
-            for right in range(0, 8):
-                assert torch.equal(pad1d(x, left, right, "reflect"),
-                                   conv.pad1d(x, (left, right), mode="reflect"))
+    # With autograd (training: torch's kernel) and without (inference: copies).
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for length in range(1, 9):
+                x = torch.randn(2, 3, length)
+                for left in range(0, 8):
+                    for right in range(0, 8):
+                        assert torch.equal(pad1d(x, left, right, "reflect"),
+                                           conv.pad1d(x, (left, right), mode="reflect"))
 
 
 def test_weight_norm_fallback_formula(monkeypatch: pytest.MonkeyPatch) -> None:
