@@ -75,6 +75,17 @@ def read_audio_bytes(data: bytes) -> Tuple[np.ndarray, int]:
     return _decode(io.BytesIO(data))
 
 
+def input_error(exc: OSError) -> AudioError:
+    """The one-line error for an ``OSError`` met while opening an input, whoever opened it."""
+    if isinstance(exc, IsADirectoryError):
+        return AudioError("is a directory, not an audio file")
+    if isinstance(exc, FileNotFoundError):
+        return AudioError("no such file")
+    if isinstance(exc, PermissionError):
+        return AudioError("permission denied")
+    return AudioError(f"cannot read: {exc.strerror or exc}")
+
+
 def check_input_path(path: Union[str, bytes, os.PathLike]) -> os.stat_result:
     """Refuse a path that cannot be an audio file (missing, directory, empty), in one line.
 
@@ -82,12 +93,8 @@ def check_input_path(path: Union[str, bytes, os.PathLike]) -> os.stat_result:
     """
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise AudioError("no such file") from None
-    except PermissionError:
-        raise AudioError("permission denied") from None
     except OSError as exc:
-        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+        raise input_error(exc) from None
     if stat.S_ISDIR(st.st_mode):
         raise AudioError("is a directory, not an audio file")
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:
@@ -217,14 +224,8 @@ class _open_input:
         st = check_input_path(self._path)
         try:
             f = open(self._path, "rb")  # a FIFO blocks here until a writer opens it, like cat
-        except IsADirectoryError:
-            raise AudioError("is a directory, not an audio file") from None
-        except FileNotFoundError:
-            raise AudioError("no such file") from None
-        except PermissionError:
-            raise AudioError("permission denied") from None
         except OSError as exc:
-            raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+            raise input_error(exc) from None
         if stat.S_ISREG(st.st_mode):
             self._file = f
             return f

@@ -111,12 +111,8 @@ class SoundFileSource(AudioSource):
             self._sf = soundfile.SoundFile(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
-        except IsADirectoryError:
-            raise AudioError("is a directory, not an audio file") from None
-        except FileNotFoundError:
-            raise AudioError("no such file") from None
-        except PermissionError:
-            raise AudioError("permission denied") from None
+        except OSError as exc:
+            raise audio.input_error(exc) from None
         try:
             self.sample_rate = audio.check_sample_rate(self._sf.samplerate)
         except AudioError:
