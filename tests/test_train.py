@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 from click.testing import CliRunner
 
 from ecdc.cli import main
@@ -153,3 +154,58 @@ def test_torchrun_two_ranks_stay_in_sync(corpus, tmp_path):
     assert [len(d) for d in digests] == [2, 2]  # checked at steps 3 and 6
     assert all(len(set(d)) == 1 for d in digests)
     assert (run / "model.th").is_file()
+
+
+def test_weighted_quantiser_dropout(corpus, tmp_path):
+    """bandwidth_weights sets how often each bandwidth is trained (the shipped recipe favours 6 kbps)."""
+    config = tiny_config(corpus, tmp_path / "cache", bandwidth_weights=[1.0, 1.0, 4.0, 1.0, 1.0])
+    trainer = Trainer(config, tmp_path / "run", device="cpu", quiet=True)
+    plans = [trainer.step_plan(s)[0] for s in range(2000)]
+    share_6k = np.mean([n_q == trainer.bandwidth_codebooks[6.0] for n_q in plans])
+    assert 0.5 < share_6k < 0.64  # 4/8
+    assert set(plans) == set(trainer.bandwidth_codebooks.values())
+
+
+def test_generator_ema_is_what_gets_exported_and_resumes(corpus, tmp_path):
+    from ecdc.weights import load_weights
+
+    config = tiny_config(corpus, tmp_path / "cache", ema_decay=0.9, dead_code_threshold=0.25)
+    run = tmp_path / "run"
+    trainer = Trainer(config, run, device="cpu", quiet=True)
+    assert {m.threshold_ema_dead_code for m in trainer.model.modules()
+            if hasattr(m, "threshold_ema_dead_code")} == {0.25}
+    trainer.train(max_steps=4)
+    live = dict(trainer.model.named_parameters())
+    exported, _ = load_weights(checkpoint=str(run / "model.th"))
+    for name, p in exported.named_parameters():
+        assert torch.equal(p, trainer.ema.params[name]), name
+    assert any(not torch.equal(trainer.ema.params[n], live[n].detach()) for n in live)  # a real average
+    # Buffers (the codebooks) are the live ones.
+    for name, b in exported.named_buffers():
+        assert torch.equal(b, dict(trainer.model.named_buffers())[name]), name
+    resumed = Trainer(config, run, device="cpu", resume=True, quiet=True)
+    for name in live:
+        assert torch.equal(resumed.ema.params[name], trainer.ema.params[name]), name
+
+
+def test_fan_in_init_keeps_the_output_dependent_on_the_input():
+    """torch's default conv init drowns the input in biases through ~30 layers (the cause of
+    the 1,000-step dead start); the training init keeps it there."""
+    from ecdc.models.encodec import EncodecModel
+    from ecdc.train.config import MODEL_PRESETS
+    from ecdc.train.init import init_for_training
+
+    x = torch.randn(2, 1, 24000, generator=torch.Generator().manual_seed(0)) * 0.1
+
+    def input_dependence(scheme: str) -> float:
+        torch.manual_seed(0)
+        model = EncodecModel(MODEL_PRESETS["small_24khz"])
+        init_for_training(model, scheme)
+        with torch.no_grad():
+            y = model.decoder(model.encoder(x))
+            y0 = model.decoder(model.encoder(torch.zeros_like(x)))
+        return float((y - y0).std() / y0.std().clamp_min(1e-12))
+
+    assert input_dependence("fan_in") > 10 * input_dependence("torch")
+    with pytest.raises(ValueError, match="unknown init"):
+        init_for_training(EncodecModel(MODEL_PRESETS["tiny_24khz"]), "xavier")

@@ -51,6 +51,7 @@ class DataConfig:
     num_workers: int = 2                #: DataLoader worker processes (0 = load in the main process)
     valid_seconds: float = 4.0          #: length of each validation crop
     valid_items: int = 32               #: number of validation crops
+    balance_folders: bool = False       #: draw each crop's top folder (speech, music, ...) uniformly first
 
 
 @dataclass
@@ -89,6 +90,11 @@ class TrainConfig:
     valid_every: int = 1000
     checkpoint_every: int = 500
     keep_checkpoints: List[int] = field(default_factory=list)  #: steps whose checkpoint is kept as a copy
+    #: relative frequency of each model bandwidth in quantiser dropout ([] = uniform)
+    bandwidth_weights: List[float] = field(default_factory=list)
+    ema_decay: float = 0.0              #: EMA of the generator's weights, exported as model.th (0 = off)
+    dead_code_threshold: float = 2.0    #: EMA count under which a code is re-seeded (Meta: 2)
+    init: str = "fan_in"                #: conv initialisation: "fan_in" (see ecdc.train.init) or "torch"
 
     def model_config(self) -> EncodecConfig:
         if self.model not in MODEL_PRESETS:

@@ -34,8 +34,10 @@ from ..errors import EcdcError
 from ..models.encodec import EncodecModel
 from .balancer import Balancer
 from .config import TrainConfig, dump_config
-from .data import AudioCache, CropDataset, ValidationSet, find_audio_files, make_train_loader, split_files
+from .data import (AudioCache, CropDataset, ValidationSet, find_audio_files, folder_groups, make_train_loader,
+                   split_files)
 from .discriminator import MultiScaleSTFTDiscriminator
+from .init import init_for_training
 from .losses import (
     MultiScaleMelLoss,
     feature_matching_loss,
@@ -123,6 +125,47 @@ def parameters_digest(*modules: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+class GeneratorEMA:
+    """Exponential moving average of a model's parameters (audiocraft's 0.99 recipe).
+
+    Only parameters are averaged and stored; :meth:`model` returns a copy of the live model
+    with the averaged parameters and the live buffers (codebooks and their statistics).
+    The average is kept in float32 on the model's device.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise TrainingError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.params = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self._copy: Optional[torch.nn.Module] = None
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.params[name].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def model(self, live: torch.nn.Module) -> torch.nn.Module:
+        """``live`` with the averaged parameters (a copy, reused across calls)."""
+        import copy
+
+        if self._copy is None:
+            self._copy = copy.deepcopy(live)
+        self._copy.load_state_dict(live.state_dict())
+        for name, p in self._copy.named_parameters():
+            p.copy_(self.params[name])
+        return self._copy
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return dict(self.params)
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor], live: torch.nn.Module) -> None:
+        for name, p in live.named_parameters():
+            source = state.get(name, p.detach())
+            self.params[name] = source.detach().float().to(p.device).clone()
+
+
 class Trainer:
     """Builds everything a run needs from a config and a run directory, then trains."""
 
@@ -137,7 +180,18 @@ class Trainer:
         self._check_run_dir(resume)
         torch.manual_seed(config.seed)
 
-        self.model = EncodecModel(self.model_config).to(self.device)
+        self.model = EncodecModel(self.model_config)
+        try:
+            init_for_training(self.model, config.init)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        self.model.to(self.device)
+        for module in self.model.modules():
+            if hasattr(module, "threshold_ema_dead_code"):
+                module.threshold_ema_dead_code = config.dead_code_threshold
+        # The exported weights: an exponential moving average of the generator's parameters
+        # (buffers, i.e. the codebooks, which are averages already, are copied as they are).
+        self.ema = GeneratorEMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.disc = MultiScaleSTFTDiscriminator(
             channels=self.model_config.channels, filters=config.loss.discriminator_filters).to(self.device)
         betas = tuple(config.optim.betas)
@@ -211,8 +265,9 @@ class Trainer:
         valid_files = [f for f in valid_files if self.cache.is_cached(f)]
         if not train_files:
             raise TrainingError("no readable training audio in " + ", ".join(map(str, roots)))
+        groups = folder_groups(train_files, roots) if data.balance_folders else None
         self.dataset = CropDataset(self.cache, train_files, segment_seconds=data.segment_seconds,
-                                   gain_db=tuple(data.gain_db), seed=self.config.seed)
+                                   gain_db=tuple(data.gain_db), seed=self.config.seed, groups=groups)
         self.valid = ValidationSet(self.cache, valid_files, seconds=data.valid_seconds,
                                    max_items=data.valid_items) if valid_files else None
 
@@ -232,7 +287,12 @@ class Trainer:
         """
         gen = _step_generator(self.config.seed, step)
         choices = list(self.bandwidth_codebooks.values())
-        n_q = choices[int(torch.randint(len(choices), (1,), generator=gen))]
+        weights = self.config.bandwidth_weights
+        if weights:
+            probs = torch.tensor(weights, dtype=torch.float64)
+            n_q = choices[int(torch.multinomial(probs, 1, generator=gen))]
+        else:
+            n_q = choices[int(torch.randint(len(choices), (1,), generator=gen))]
         update_disc = bool(torch.rand((), generator=gen) < self.config.loss.discriminator_prob)
         return n_q, update_disc
 
@@ -265,6 +325,8 @@ class Trainer:
         grad = self.balancer.gradient(balanced, y)
         torch.autograd.backward([y, out.commitment_loss * cfg.loss.commitment], [grad, None])
         self.opt_g.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
 
         record = {k: float(v.detach()) for k, v in losses.items()}
         record["commitment"] = float(out.commitment_loss.detach())
@@ -288,19 +350,26 @@ class Trainer:
         """Mel distance and SI-SDR of the validation crops at every bandwidth."""
         if self.valid is None:
             return {}
-        self.model.eval()
+        model = self.exported_model()
+        model.eval()
         result: Dict[str, float] = {}
         for bandwidth, n_q in self.bandwidth_codebooks.items():
             mels, sdrs = [], []
             for clip in self.valid:
                 x = clip.to(self.device)[None]
-                y = self.model(x, n_q).audio.float()
+                y = model(x, n_q).audio.float()
                 mels.append(float(mel_distance(x, y, self.model_config.sample_rate)))
                 sdrs.append(float(si_sdr(x, y).mean()))
             result[f"mel@{bandwidth:g}"] = float(np.mean(mels))
             result[f"sisdr@{bandwidth:g}"] = float(np.mean(sdrs))
         self.model.train()
         return result
+
+    def exported_model(self) -> EncodecModel:
+        """The generator as shipped: the EMA weights when the run keeps them."""
+        if self.ema is None:
+            return self.model
+        return self.ema.model(self.model)
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -312,6 +381,7 @@ class Trainer:
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "balancer": self.balancer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else {},
             "rng": _rng_state(),
             "config": self.config.to_dict(),
             "model_config": self.model_config.to_dict(),
@@ -323,7 +393,7 @@ class Trainer:
             return
         with atomic_output(self.run_dir / CHECKPOINT) as f:
             torch.save(self.state_dict(), f)
-        export = {"config": self.model_config.to_dict(), "state_dict": self.model.state_dict()}
+        export = {"config": self.model_config.to_dict(), "state_dict": self.exported_model().state_dict()}
         with atomic_output(self.run_dir / MODEL_FILE) as f:
             torch.save(export, f)
         with atomic_output(self.run_dir / DISCRIMINATOR_FILE) as f:
@@ -343,6 +413,9 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.balancer.load_state_dict(state["balancer"])
+        if self.ema is not None:
+            # A run that switches the EMA on when resumed starts it from the current weights.
+            self.ema.load_state_dict(state.get("ema") or {}, self.model)
         self.step = int(state["step"])
         _set_rng_state(state["rng"])
 
