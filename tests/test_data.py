@@ -17,11 +17,13 @@ from ecdc.train import data
 from ecdc.train.data import (
     AudioCache,
     CropDataset,
+    DataError,
     DataWarning,
     StepSampler,
     ValidationSet,
     build_datasets,
     find_audio_files,
+    folder_groups,
     make_train_loader,
     split_files,
 )
@@ -358,3 +360,31 @@ def test_loader_workers_leave_stop_signals_to_the_trainer():
     with os.fdopen(r, "rb") as f:
         assert f.read() == b"survived"
     os.waitpid(pid, 0)
+
+
+def test_folder_balance_draws_each_top_folder_equally_often(tmp_path):
+    """Folder balance: an hour of music must not starve a few minutes of speech."""
+    root = tmp_path / "corpus"
+    (root / "speech").mkdir(parents=True)
+    (root / "music").mkdir()
+    short = write(root / "speech" / "a.wav", 0.5, amp=0.1)
+    longs = [write(root / "music" / f"m{i}.wav", 4.0, amp=0.1, seed=i + 1) for i in range(3)]
+    cache = AudioCache(tmp_path / "cache", RATE, 1)
+    files = cache.prepare([short] + longs, num_workers=0)
+    groups = folder_groups(files, [root])
+    assert groups == ["speech", "music", "music", "music"]
+    by_length = CropDataset(cache, files, segment_seconds=0.25, seed=0)
+    balanced = CropDataset(cache, files, segment_seconds=0.25, seed=0, groups=groups)
+    n = 2000
+    share_length = np.mean([by_length.crop_info(i).file == short for i in range(n)])
+    share_balanced = np.mean([balanced.crop_info(i).file == short for i in range(n)])
+    assert share_length < 0.08  # 0.5 s of 12.5 s
+    assert 0.45 < share_balanced < 0.55
+    # Within a group, files are still chosen by length; one group draws as before.
+    assert [balanced.crop_info(i) for i in range(50)] == [balanced.crop_info(i) for i in range(50)]
+    one_group = CropDataset(cache, files, segment_seconds=0.25, seed=0, groups=["x"] * 4)
+    assert [one_group.crop_info(i) for i in range(50)] == [by_length.crop_info(i) for i in range(50)]
+    with pytest.raises(DataError, match="group labels"):
+        CropDataset(cache, files, groups=["speech"])
+    with pytest.raises(DataError, match="not inside"):
+        folder_groups(files, [tmp_path / "elsewhere"])

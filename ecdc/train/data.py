@@ -147,6 +147,25 @@ def split_files(files: Sequence[Path], roots: Sequence[Path],
     return train, valid
 
 
+def folder_groups(files: Sequence[Path], roots: Sequence[Path]) -> List[str]:
+    """Each file's first folder below the data folder holding it (``speech/a.wav`` ->
+    ``speech``; a file directly in a data folder -> ``""``), for balanced sampling."""
+    abs_roots = [Path(os.path.abspath(r)) for r in roots]
+    labels: List[str] = []
+    for file in files:
+        path = Path(os.path.abspath(file))
+        for root in abs_roots:
+            try:
+                parts = path.relative_to(root).parts
+                break
+            except ValueError:
+                continue
+        else:
+            raise DataError(f"{file} is not inside any of the data folders")
+        labels.append(parts[0] if len(parts) > 1 else "")
+    return labels
+
+
 # ---------------------------------------------------------------------------------------
 # decode cache
 
@@ -418,7 +437,10 @@ class CropDataset(Dataset):
     ``(seed, i)``, so it is the same in any process, worker or run. Per item:
 
     * a file is chosen with probability proportional to its length (a uniformly random
-      sample of the whole corpus picks the file), so long files are not under-sampled;
+      sample of the whole corpus picks the file), so long files are not under-sampled.
+      With ``groups`` (one label per file, e.g. its top folder: speech, music, ...) a
+      group is drawn first, uniformly, then a file within it by length, so that a
+      category with few hours (speech in a music-heavy corpus) is not starved;
     * a crop offset is uniform over the file; a file shorter than the crop is taken whole
       and zero-padded at the end (the only case of padding);
     * a crop with more than ``max_clipped`` of its samples at full scale (some corpora hold
@@ -431,7 +453,8 @@ class CropDataset(Dataset):
 
     def __init__(self, cache: AudioCache, files: Sequence[PathLike], segment_seconds: float = 1.0,
                  gain_db: Tuple[float, float] = (-10.0, 6.0), seed: int = 0,
-                 max_clipped: float = 0.001, clip_retries: int = 4) -> None:
+                 max_clipped: float = 0.001, clip_retries: int = 4,
+                 groups: Optional[Sequence[str]] = None) -> None:
         if segment_seconds <= 0:
             raise DataError(f"segment_seconds must be > 0, got {segment_seconds}")
         low, high = (float(g) for g in gain_db)
@@ -445,10 +468,13 @@ class CropDataset(Dataset):
         self.seed = int(seed)
         self.max_clipped = float(max_clipped)
         self.clip_retries = int(clip_retries)
+        if groups is not None and len(groups) != len(files):
+            raise DataError(f"{len(groups)} group labels for {len(files)} files")
         self.files: List[Path] = []
         npys: List[str] = []
         frames: List[int] = []
-        for file in files:
+        labels: List[str] = []
+        for i, file in enumerate(files):
             try:
                 entry = cache._entry(file)
             except CacheWriteError:
@@ -459,11 +485,17 @@ class CropDataset(Dataset):
             self.files.append(Path(file))
             npys.append(str(entry.npy))
             frames.append(entry.frames)
+            labels.append("" if groups is None else str(groups[i]))
         if not self.files:
             raise DataError("no readable training audio" + (f" among {len(files)} files" if files else ""))
         self._npys = npys
         self.frames = np.asarray(frames, dtype=np.int64)
-        self._cumulative = np.cumsum(self.frames)
+        # Per group (sorted labels, so the draw does not depend on file order): its files'
+        # indices and their cumulative lengths.
+        self.group_names: List[str] = sorted(set(labels))
+        self._group_files = [np.asarray([i for i, g in enumerate(labels) if g == name], dtype=np.int64)
+                             for name in self.group_names]
+        self._group_cumulative = [np.cumsum(self.frames[idx]) for idx in self._group_files]
         self._maps: "OrderedDict[int, np.ndarray]" = OrderedDict()
 
     #: Memory maps kept open per process; each holds a file descriptor, so not all of them.
@@ -492,8 +524,10 @@ class CropDataset(Dataset):
         rng = _rng(self.seed, index)
         best: Optional[Tuple[float, int, int, np.ndarray]] = None
         for _ in range(self.clip_retries + 1):
-            which = int(np.searchsorted(self._cumulative, rng.integers(self._cumulative[-1]),
-                                        side="right"))
+            group = int(rng.integers(len(self.group_names))) if len(self.group_names) > 1 else 0
+            cumulative = self._group_cumulative[group]
+            which = int(self._group_files[group][
+                np.searchsorted(cumulative, rng.integers(cumulative[-1]), side="right")])
             length = int(self.frames[which])
             offset = int(rng.integers(length - self.segment_samples + 1)) \
                 if length > self.segment_samples else 0
