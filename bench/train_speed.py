@@ -1,11 +1,15 @@
-"""Training throughput of `ecdc train` per model preset: steps/s and audio seconds per second.
+"""Training throughput of `ecdc train` per model preset and phase: seconds per step.
 
     python bench/train_speed.py                       # small_24khz and encodec_24khz, batch 8, CPU
+    python bench/train_speed.py --presets small_24khz --filters 32 16 8   # the step-cost table
     python bench/train_speed.py --device cuda --presets encodec_24khz --batch-size 32 --amp
 
-Runs full training steps (generator + balancer + discriminator update forced on every step,
-the costlier case; with the paper's 2/3 schedule the average is slightly faster) on
-generated audio, after warm-up steps that include the codebooks' k-means initialisation.
+Phases: ``reconstruction`` (time + mel + commitment, no discriminator: the shipped recipe's
+first phase) and, for each ``--filters`` value, ``adversarial`` steps with an MS-STFT
+discriminator of that many base filters (generator losses through the discriminator plus a
+discriminator update forced on every step, the costlier case; the paper's 2/3 schedule
+averages slightly less). Generated audio, after warm-up steps that include the codebooks'
+k-means initialisation. Pause other work on the cores while it runs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import soundfile
@@ -36,11 +41,15 @@ def make_corpus(root: Path, seconds: float = 20.0, files: int = 4, rate: int = 2
         soundfile.write(str(root / f"c{i}.wav"), sig.astype(np.float32), rate)
 
 
-def measure(preset: str, batch_size: int, steps: int, warmup: int, device: str, amp: bool, root: Path) -> dict:
+def measure(preset: str, batch_size: int, steps: int, warmup: int, device: str, amp: bool, root: Path,
+            filters: Optional[int] = 32) -> dict:
+    """One preset and phase; ``filters=None`` is the reconstruction phase (no discriminator)."""
+    loss = {"discriminator_prob": 1.0, "discriminator_filters": filters or 8,
+            "adversarial_warmup": 10**9 if filters is None else 0}
     config = TrainConfig.from_dict({
         "model": preset, "batch_size": batch_size, "amp": amp, "log_every": 10**9,
         "valid_every": 10**9, "checkpoint_every": 10**9,
-        "loss": {"discriminator_prob": 1.0},
+        "loss": loss,
         "data": {"train_folders": [str(root / "audio")], "valid_fraction": 0.0, "num_workers": 2,
                  "cache_dir": str(root / "cache")},
     })
@@ -58,6 +67,7 @@ def measure(preset: str, batch_size: int, steps: int, warmup: int, device: str, 
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"preset": preset, "params_M": params / 1e6, "steps_per_s": steps / elapsed,
+            "phase": "reconstruction" if filters is None else f"adversarial, {filters} filters",
             "audio_s_per_s": steps * batch_size * config.data.segment_seconds / elapsed,
             "device": str(trainer.device), "threads": torch.get_num_threads()}
 
@@ -70,16 +80,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--filters", nargs="*", type=int, default=[32],
+                        help="discriminator sizes for the adversarial phase (none: reconstruction only)")
+    parser.add_argument("--no-reconstruction", action="store_true", help="skip the reconstruction phase")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "audio").mkdir()
         make_corpus(root / "audio")
         print(f"batch {args.batch_size} x 1 s crops, {args.steps} timed steps after {args.warmup} warm-up")
+        phases = ([] if args.no_reconstruction else [None]) + list(args.filters)
+        print("| preset | parameters | phase | s/step | audio s/s |\n|---|---:|---|---:|---:|")
         for preset in args.presets:
-            r = measure(preset, args.batch_size, args.steps, args.warmup, args.device, args.amp, root)
-            print(f"{r['preset']:>14}: {r['params_M']:.2f} M params, {r['steps_per_s']:.3f} steps/s, "
-                  f"{r['audio_s_per_s']:.2f} audio-s/s on {r['device']} ({r['threads']} threads)", flush=True)
+            for filters in phases:
+                r = measure(preset, args.batch_size, args.steps, args.warmup, args.device, args.amp, root,
+                            filters)
+                print(f"| {r['preset']} | {r['params_M']:.2f} M | {r['phase']} | {1 / r['steps_per_s']:.2f} "
+                      f"| {r['audio_s_per_s']:.2f} |", flush=True)
+        print(f"({r['device']}, {r['threads']} threads)")
 
 
 if __name__ == "__main__":
