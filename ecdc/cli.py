@@ -129,7 +129,8 @@ def _download_progress() -> Optional[Callable[[int, Optional[int]], None]]:
 
 
 model_option = click.option("--model", "-m", "model", metavar="NAME",
-                            help="Registered model name (see `ecdc models`).")
+                            help="Registered model name (see `ecdc models`). Default: compress uses "
+                                 "ecdc's bundled default model, decompress the model the file names.")
 checkpoint_option = click.option("--checkpoint", metavar="PATH", type=click.Path(dir_okay=False),
                                  help="Load weights from a local checkpoint file.")
 device_option = click.option("--device", default="auto", show_default=True,
@@ -313,14 +314,29 @@ def train(config_path: Optional[str], run_dir: str, overrides: tuple, resume: bo
 
 @main.command()
 def models() -> None:
-    """List the models ecdc knows by name."""
-    from .weights import DEFAULT_MODEL, available_models
+    """List the models ecdc knows by name: the default first, then its releases, then the rest."""
+    from .weights import aliases, available_models, default_model, release_history
 
-    for name, spec in sorted(available_models().items()):
+    def line(name: str, spec, extra: str = "") -> str:
         cfg = spec.config
-        mark = " (default)" if name == DEFAULT_MODEL else ""
         bws = "/".join(f"{b:g}" for b in cfg.bandwidths)
-        click.echo(f"{name}{mark}: {cfg.sample_rate} Hz, {cfg.channels} ch, {bws} kbps. {spec.description}")
+        return f"{name}{extra}: {cfg.sample_rate} Hz, {cfg.channels} ch, {bws} kbps. {spec.description}".rstrip()
+
+    specs = available_models()
+    default = default_model()
+    if default is not None:
+        target = aliases()[default]
+        click.echo(line(default, specs[target], f" (default, = {target})"))
+    releases = release_history()
+    if default is not None:  # the default's family first
+        releases.sort(key=lambda s: s.release["family"] != default)
+    for spec in releases:
+        info = spec.release
+        when = f", released {info['released']}" if info.get("released") else ""
+        click.echo(line(spec.config.name, spec, f" (release {info['version']} of {info['family']}{when})"))
+    for name, spec in sorted(specs.items()):
+        if spec.release is None:
+            click.echo(line(name, spec))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from .errors import AudioError, FormatError, ModelError, OutputError
 from .models.encodec import EncodecModel, EncodedSegment
 from .models.streaming import StreamingDecoder, StreamingEncoder
 from .wavstream import ArraySource, AudioSource, WavStreamWriter, open_audio_file
-from .weights import DEFAULT_MODEL, available_models, load_weights
+from . import weights
+from .weights import load_weights
 
 STEREO_CHOICES = ("downmix", "dual")
 _SILENCE_BLOCK = 1 << 16  # samples of silence per block for a salvaged gap (a gap may be days long)
@@ -569,16 +570,17 @@ def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
                checkpoint: Optional[str] = None, progress=None) -> Codec:
     """Load a codec by registry name, by checkpoint path, or (neither) the default model.
 
+    ``load_model()`` loads ecdc's bundled default (the newest release of its family);
     ``load_model("encodec_24khz")`` downloads Meta's weights on first use;
     ``load_model("run/checkpoint.th")`` loads a local file; ``name`` plus ``checkpoint``
     loads the named architecture with weights from the file.
     """
     name = name_or_path
-    if checkpoint is None and name is not None and name not in available_models():
+    if checkpoint is None and name is not None and not weights.is_known(name):
         if os.path.exists(name) or os.sep in name or name.endswith((".th", ".pt", ".pth")):
             name, checkpoint = None, name
     if name is None and checkpoint is None:
-        name = DEFAULT_MODEL
+        name = weights.default_model()
     dev = resolve_device(device)
     model, fingerprint = load_weights(name, checkpoint, progress=progress)
     return Codec(model, fingerprint, dev)
@@ -586,9 +588,13 @@ def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
 
 def load_model_for(header: EcdcHeader, model: Optional[str] = None, checkpoint: Optional[str] = None,
                    device: str = "cpu", progress=None) -> Codec:
-    """The codec that decodes a file: the one the caller names, else the one its header names."""
+    """The codec that decodes a file: the one the caller names, else the one its header names.
+
+    ecdc's releases write their versioned name (``ecdc_24khz_v1``), so a file decodes with
+    the release that wrote it, whichever release is the default now.
+    """
     if model is None and checkpoint is None:
-        if header.model_name not in available_models():
+        if not weights.is_known(header.model_name):
             raise ModelError(f"encoded with model {header.model_name!r}, which ecdc does not know by name; "
                              "pass its weights with --checkpoint PATH")
         model = header.model_name

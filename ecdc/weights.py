@@ -4,6 +4,14 @@ A model is known by name (``encodec_24khz``) or given as a checkpoint path. Down
 checkpoints are verified against the sha256 prefix in their file name before they are
 cached, and every checkpoint is loaded with ``weights_only=True``: a checkpoint is
 untrusted input and must never be able to run code.
+
+ecdc's own models ship inside the package, in ``ecdc/releases/``: ``releases.json`` (the
+one list of releases, written by ``python -m ecdc.train.release``) and one fp16 weights
+file per release. Each release has a versioned name (``ecdc_24khz_v1``), which is what
+files record in their header, so a file always decodes with the release that wrote it;
+the unversioned family name (``ecdc_24khz``) means the family's newest release, and the
+manifest's ``default`` family is what is used when no model is named. Releases are never
+removed: every file ever written must stay decodable.
 """
 
 from __future__ import annotations
@@ -19,9 +27,9 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -42,16 +50,22 @@ class ModelSpec:
     """Where a named model's weights come from.
 
     ``filename`` is fetched from the base URL into the cache unless ``packaged`` names
-    a file shipped inside the ``ecdc`` package.
+    a file shipped inside the ``ecdc`` package (relative to it, or absolute).
     """
 
     config: EncodecConfig
     filename: str
     packaged: Optional[str] = None
     description: str = ""
+    #: hex weights fingerprint the loaded weights must have (bundled releases), or None
+    fingerprint: Optional[str] = None
+    #: the release's entry in releases.json (bundled releases), else None
+    release: Optional[Mapping[str, Any]] = field(default=None, compare=False)
 
 
 _REGISTRY: Dict[str, ModelSpec] = {}
+#: unversioned family name -> the versioned name of its newest bundled release
+_ALIASES: Dict[str, str] = {}
 
 
 def register_model(spec: ModelSpec) -> None:
@@ -64,7 +78,22 @@ def unregister_model(name: str) -> None:
 
 
 def available_models() -> Dict[str, ModelSpec]:
+    """The models loadable by their own (for releases: versioned) name."""
     return dict(_REGISTRY)
+
+
+def aliases() -> Dict[str, str]:
+    """Family names and the release each stands for (``ecdc_24khz`` -> ``ecdc_24khz_v1``)."""
+    return dict(_ALIASES)
+
+
+def resolve_name(name: str) -> str:
+    """The registered name ``name`` stands for: an alias's release, else ``name`` itself."""
+    return _ALIASES.get(name, name)
+
+
+def is_known(name: str) -> bool:
+    return name in _REGISTRY or name in _ALIASES
 
 
 register_model(ModelSpec(ENCODEC_24KHZ, "encodec_24khz-d7cc33bc.th",
@@ -72,8 +101,62 @@ register_model(ModelSpec(ENCODEC_24KHZ, "encodec_24khz-d7cc33bc.th",
 register_model(ModelSpec(ENCODEC_48KHZ, "encodec_48khz-7e698e3e.th",
                          description="Meta's EnCodec 48 kHz stereo (downloaded on first use)"))
 
-#: Name of the model used when the user names none; None until ecdc ships trained weights.
+#: Where the bundled releases live, and their manifest.
+RELEASES_DIR = Path(__file__).parent / "releases"
+RELEASES_MANIFEST = RELEASES_DIR / "releases.json"
+
+#: Name of the model used when the user names none (a family alias); None while no
+#: release is bundled. Set from releases.json by :func:`load_releases`.
 DEFAULT_MODEL: Optional[str] = None
+
+
+def default_model() -> Optional[str]:
+    return DEFAULT_MODEL
+
+
+def read_manifest(path: Path = RELEASES_MANIFEST) -> Dict[str, Any]:
+    """releases.json as a dict (``{"default": None, "releases": []}`` when there is none)."""
+    if not path.is_file():
+        return {"default": None, "releases": []}
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("releases"), list):
+        raise ModelError(f"{path}: not a releases manifest")
+    return manifest
+
+
+def load_releases(path: Path = RELEASES_MANIFEST) -> None:
+    """(Re)register the bundled releases listed in ``path``, their aliases and the default."""
+    global DEFAULT_MODEL
+    for spec in [s for s in _REGISTRY.values() if s.release is not None]:
+        unregister_model(spec.config.name)
+    _ALIASES.clear()
+    manifest = read_manifest(path)
+    newest: Dict[str, Tuple[int, str]] = {}
+    for entry in manifest["releases"]:
+        config = EncodecConfig.from_dict(entry["config"])
+        if config.name != entry["name"]:
+            raise ModelError(f"{path}: release {entry['name']!r} has config name {config.name!r}")
+        register_model(ModelSpec(config, entry["file"], packaged=str(path.parent / entry["file"]),
+                                 description=entry.get("description", ""), fingerprint=entry["fingerprint"],
+                                 release=entry))
+        family, version = entry["family"], int(entry["version"])
+        if family not in newest or version > newest[family][0]:
+            newest[family] = (version, entry["name"])
+    _ALIASES.update({family: name for family, (_, name) in newest.items()})
+    default = manifest.get("default")
+    if default is not None and default not in _ALIASES:
+        raise ModelError(f"{path}: default {default!r} names no bundled release family")
+    DEFAULT_MODEL = default
+
+
+def release_history(family: Optional[str] = None) -> List[ModelSpec]:
+    """The bundled releases' specs, newest first (of one family, or all)."""
+    specs = [s for s in _REGISTRY.values() if s.release is not None
+             and (family is None or s.release["family"] == family)]
+    return sorted(specs, key=lambda s: (s.release["family"], -int(s.release["version"])))
+
+
+load_releases()
 
 
 def cache_dir() -> Path:
@@ -229,10 +312,12 @@ def _config_for_path(path: Path, embedded: Optional[dict], model_name: Optional[
 
 
 def get_spec(name: str) -> ModelSpec:
+    """The spec of a registered name or family alias (``ecdc_24khz`` gives its newest release)."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[resolve_name(name)]
     except KeyError:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
+        known = sorted(set(_REGISTRY) | set(_ALIASES))
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known)}") from None
 
 
 def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],
@@ -240,12 +325,16 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],
     """16 bytes identifying a set of weights, independent of how the file stored them.
 
     Hashes every tensor (as float32 for floating tensors, so an fp16-stored copy of the
-    same values and its fp32 load agree) in sorted key order. ``after_each`` is called
-    with each tensor once it is hashed.
+    same values and its fp32 load agree) in sorted key order. Empty tensors hold no
+    weights and are skipped (a model loaded from an inference-only release has empty
+    codebook statistics; its state dict then hashes like the file). ``after_each`` is
+    called with each tensor once it is hashed.
     """
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         original = state_dict[key].detach()
+        if original.numel() == 0:
+            continue
         tensor = original.cpu()
         if tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
@@ -291,8 +380,23 @@ def _release_mapped_pages(tensor: torch.Tensor) -> None:
         _madvise(first, last - first, _MADV_DONTNEED)
 
 
+#: Codebook buffers used only to train (EMA statistics); inference-only checkpoints omit them.
+TRAINING_STATISTICS = ("._codebook.embed_avg", "._codebook.cluster_size")
+
+
+def inference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state_dict`` without the codebooks' training statistics (what a release stores)."""
+    return {k: v for k, v in state_dict.items() if not k.endswith(TRAINING_STATISTICS)}
+
+
 def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> EncodecModel:
-    """Instantiate ``config`` and load ``state_dict`` strictly (a mismatch is the user's error)."""
+    """Instantiate ``config`` and load ``state_dict`` strictly (a mismatch is the user's error).
+
+    The one thing a checkpoint may leave out is all of the codebooks' training statistics
+    (an inference-only checkpoint, like ecdc's releases): the model then holds empty
+    statistics, as after :meth:`~ecdc.models.EncodecModel.release_unused`, and codes
+    exactly as with them, but cannot be trained further.
+    """
     # Built on the meta device and given the checkpoint's tensors (assign=True): no random
     # initialisation and no second copy of the weights, which would double the load's peak
     # memory. fp16-stored weights become float32 here, one tensor at a time.
@@ -300,12 +404,27 @@ def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], s
         model = EncodecModel(config)
     tensors = {key: value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
                for key, value in state_dict.items()}
+    statistics = {k for k in model.state_dict() if k.endswith(TRAINING_STATISTICS)}
+    present = {k for k in statistics if k in tensors and tensors[k].numel()}
+    inference_only = bool(statistics) and not present
+    if inference_only:
+        tensors = {k: v for k, v in tensors.items() if k not in statistics}
     try:
-        model.load_state_dict(tensors, strict=True, assign=True)
+        result = model.load_state_dict(tensors, strict=not inference_only, assign=True)
+        missing = [k for k in result.missing_keys if k not in statistics] if inference_only else []
+        if missing or (inference_only and result.unexpected_keys):
+            problem = (f"Missing key(s) in state_dict: {', '.join(repr(k) for k in missing)}" if missing else
+                       f"Unexpected key(s) in state_dict: {', '.join(repr(k) for k in result.unexpected_keys)}")
+            raise RuntimeError(f"Error(s) in loading state_dict:\n{problem}")
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
         raise WeightsError(f"{source}: weights do not fit model {config.name!r} ({detail[:200]})") from None
+    if inference_only:
+        for layer in model.quantizer.vq.layers:
+            book = layer._codebook
+            book.embed_avg = torch.empty(0, dtype=torch.float32)
+            book.cluster_size = torch.empty(0, dtype=torch.float32)
     model.eval()
     return model
 
@@ -325,6 +444,7 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
         if name is None:
             raise ModelError(_no_default_message())
         spec = get_spec(name)
+        name = spec.config.name
         if spec.packaged is not None:
             path = Path(__file__).parent / spec.packaged
         else:
@@ -338,6 +458,10 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
     # fingerprint is the model's. Hashed before the model exists: a mapped file's pages
     # are released as they are hashed, before anything can have written to them.
     fingerprint = weights_fingerprint(state_dict, _release_mapped_pages if mapped else None)
+    if checkpoint is None and spec.fingerprint is not None and fingerprint.hex() != spec.fingerprint:
+        raise WeightsError(f"{source}: these are not the weights of release {name!r} (fingerprint "
+                           f"{fingerprint.hex()[:16]}, expected {spec.fingerprint[:16]}): the installation "
+                           "is damaged; reinstall ecdc")
     model = build_model(config, state_dict, source)
     del state_dict, embedded  # the model holds the tensors it needs now
     return model, fingerprint

@@ -213,7 +213,10 @@ def test_bad_bandwidth_names_the_valid_ones(wav_file, tiny_mono_ckpt):
     assert not wav_file.with_suffix(".ecdc").exists()
 
 
-def test_without_a_model_says_what_to_pass(wav_file):
+def test_without_a_model_says_what_to_pass(wav_file, monkeypatch):
+    from ecdc import weights
+
+    monkeypatch.setattr(weights, "DEFAULT_MODEL", None)  # an ecdc that bundles no release
     result = run("compress", wav_file)
     assert_one_line_error(result, "--model encodec_24khz", "--checkpoint")
 
