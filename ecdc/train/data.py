@@ -134,15 +134,7 @@ def split_files(files: Sequence[Path], roots: Sequence[Path],
     train: List[Path] = []
     valid: List[Path] = []
     for file in files:
-        path = Path(os.path.abspath(file))
-        for root in abs_roots:
-            try:
-                rel = path.relative_to(root).as_posix()
-                break
-            except ValueError:
-                continue
-        else:
-            raise DataError(f"{file} is not inside any of the data folders")
+        rel = _relative_to_roots(file, abs_roots).as_posix()
         (valid if valid_hash(rel) < valid_fraction else train).append(Path(file))
     return train, valid
 
@@ -153,17 +145,20 @@ def folder_groups(files: Sequence[Path], roots: Sequence[Path]) -> List[str]:
     abs_roots = [Path(os.path.abspath(r)) for r in roots]
     labels: List[str] = []
     for file in files:
-        path = Path(os.path.abspath(file))
-        for root in abs_roots:
-            try:
-                parts = path.relative_to(root).parts
-                break
-            except ValueError:
-                continue
-        else:
-            raise DataError(f"{file} is not inside any of the data folders")
+        parts = _relative_to_roots(file, abs_roots).parts
         labels.append(parts[0] if len(parts) > 1 else "")
     return labels
+
+
+def _relative_to_roots(file: PathLike, abs_roots: Sequence[Path]) -> Path:
+    """``file`` relative to the first of ``abs_roots`` (absolute paths) that contains it."""
+    path = Path(os.path.abspath(file))
+    for root in abs_roots:
+        try:
+            return path.relative_to(root)
+        except ValueError:
+            continue
+    raise DataError(f"{file} is not inside any of the data folders")
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import nn
 
+from ..models.modules import clear_weight_cache
+
 INITS = ("fan_in", "torch")
 
 
@@ -49,7 +51,4 @@ def init_for_training(model: nn.Module, scheme: str = "fan_in", gain: float = 1.
             module.weight_g.copy_(norms.view_as(module.weight_g))
         if module.bias is not None:
             module.bias.zero_()
-    for module in model.modules():
-        clear = getattr(module, "clear_weight_cache", None)
-        if callable(clear):
-            clear()
+    clear_weight_cache(model)
