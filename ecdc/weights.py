@@ -3,7 +3,11 @@
 A model is known by name (``encodec_24khz``) or given as a checkpoint path. Downloaded
 checkpoints are verified against the sha256 prefix in their file name before they are
 cached, and every checkpoint is loaded with ``weights_only=True``: a checkpoint is
-untrusted input and must never be able to run code.
+untrusted input and must never be able to run code, nor (through its config) make ecdc
+build more than its weights hold: the config is checked against the state dict's shapes
+before the model is built (:func:`check_config_fits`). ecdc's own checkpoints store their
+weights fingerprint, and files named ``<model>-<sha256 prefix>.th`` state their hash:
+both are checked on load, so a damaged copy is refused rather than used.
 
 ecdc's own models ship inside the package, in ``ecdc/releases/``: ``releases.json`` (the
 one list of releases, written by ``python -m ecdc.train.release``) and one fp16 weights
@@ -27,10 +31,12 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .errors import ModelError, WeightsError
@@ -253,13 +259,13 @@ def _load_checkpoint_file(path: Path) -> Tuple[Any, bool]:
     never take memory; files in torch's legacy format are read whole.
     """
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True), True
+        return _torch_load(path, mmap=True), True
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         pass  # reported below
     except Exception:  # legacy format, or damaged: the plain load says which
         pass
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True), False
+        return _torch_load(path, mmap=False), False
     except FileNotFoundError:
         raise WeightsError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
@@ -267,8 +273,21 @@ def _load_checkpoint_file(path: Path) -> Tuple[Any, bool]:
     except PermissionError:
         raise WeightsError(f"{path}: permission denied") from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
+        if refused:  # not torch's advice to load with weights_only=False: what it refused
+            reason = refused.group(1).split(". ")[0].rstrip(".")
+            raise WeightsError(f"{path}: not a loadable weights-only checkpoint (torch's weights-only "
+                               f"loader refused it: {reason[:200]})") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({first[:200]})") from None
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` with torch's warnings held back: its two-line
+    UserWarnings (e.g. "Detected pickle protocol 4") would precede ecdc's one-line report."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _split_checkpoint(obj: Any, path: Path) -> Tuple[Optional[dict], Mapping[str, torch.Tensor]]:
@@ -288,18 +307,109 @@ def _split_checkpoint(obj: Any, path: Path) -> Tuple[Optional[dict], Mapping[str
     raise WeightsError(f"{path}: checkpoint is neither a state dict nor ecdc's checkpoint layout")
 
 
+def parse_config(raw: Any, source: str) -> EncodecConfig:
+    """A checkpoint's (untrusted) config as an :class:`EncodecConfig`, or a one-line
+    :class:`WeightsError` naming the bad field. Only checks the config on its own; see
+    :func:`check_config_fits` for whether it fits the weights."""
+    try:
+        return EncodecConfig.from_dict(raw)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise WeightsError(f"{source}: invalid model config: {exc}") from None
+
+
+_LAYER_KEY = re.compile(r"quantizer\.vq\.layers\.(\d+)\._codebook\.embed")
+_ENCODER_KEY = re.compile(r"encoder\.model\.(\d+)\.(.*)")
+_LSTM_LAYER = re.compile(r"lstm\.weight_ih_l(\d+)")
+
+
+def check_config_fits(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse, naming the field, a config that the state dict cannot be the weights of.
+
+    Runs before the model is built, on key names and shapes only (microseconds): the
+    config decides how many codebooks and layers get built, the weights do not, so a
+    checkpoint must not be able to ask for more than it holds. The strict load after the
+    build then compares every tensor.
+    """
+    def bad(field: str, detail: str) -> WeightsError:
+        return WeightsError(f"{source}: weights do not fit model {config.name!r}: the config's {field} {detail}")
+
+    def shape(key: str) -> Optional[Tuple[int, ...]]:
+        value = state_dict.get(key)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    weight = "weight_v" if config.norm == "weight_norm" else "weight"
+    convs: List[int] = []  # encoder.model indices holding a plain SConv1d
+    lstm_at: Dict[int, set] = {}
+    for key in state_dict:
+        match = _ENCODER_KEY.fullmatch(key)
+        if match is None:
+            continue
+        index, rest = int(match.group(1)), match.group(2)
+        if rest == f"conv.conv.{weight}":
+            convs.append(index)
+        lstm = _LSTM_LAYER.fullmatch(rest)
+        if lstm is not None:
+            lstm_at.setdefault(index, set()).add(int(lstm.group(1)))
+    convs.sort()
+    first = shape(f"encoder.model.0.conv.conv.{weight}")
+    if not convs or convs[0] != 0 or first is None or len(first) != 3:
+        other = "weight" if weight == "weight_v" else "weight_v"
+        found = "time_group_norm" if other == "weight" else "weight_norm"
+        if shape(f"encoder.model.0.conv.conv.{other}") is not None:
+            raise bad("norm", f"is {config.norm}, the weights are {found}'s")
+        raise bad("norm", f"is {config.norm}, the weights have no encoder.model.0.conv.conv.{weight}")
+    if first[1] != config.channels:
+        raise bad("channels", f"is {config.channels}, the weights' first convolution takes {first[1]}")
+    if first[0] != config.n_filters:
+        raise bad("n_filters", f"is {config.n_filters}, the weights' first convolution makes {first[0]}")
+    downsampling = convs[1:-1]
+    if len(downsampling) != len(config.ratios):
+        raise bad("ratios", f"has {len(config.ratios)} entries, the weights' encoder {len(downsampling)} "
+                            "downsampling convolutions")
+    step = config.n_residual_layers + 2  # residual blocks, ELU, downsampling convolution
+    if downsampling != [step * (i + 1) for i in range(len(downsampling))]:
+        raise bad("n_residual_layers", f"is {config.n_residual_layers}, the weights' encoder blocks differ")
+    for index, ratio in zip(downsampling, reversed(config.ratios)):
+        kernel = shape(f"encoder.model.{index}.conv.conv.{weight}")
+        if kernel is None or len(kernel) != 3 or kernel[2] != 2 * ratio:
+            raise bad("ratios", f"ask for a stride {ratio} (kernel {2 * ratio}), the weights' encoder has "
+                                f"kernel {kernel[2] if kernel and len(kernel) == 3 else '?'}")
+    lstm_index = step * len(config.ratios) + 1
+    lstm_layers = lstm_at.get(lstm_index, set())
+    if sorted(lstm_layers) != list(range(config.lstm_layers)) or set(lstm_at) - {lstm_index}:
+        raise bad("lstm_layers", f"is {config.lstm_layers}, the weights' encoder LSTM has {len(lstm_layers)}")
+    last = shape(f"encoder.model.{convs[-1]}.conv.conv.{weight}")
+    if convs[-1] != lstm_index + (1 if config.lstm_layers else 0) + 1 or last is None or len(last) != 3:
+        raise bad("lstm_layers", f"is {config.lstm_layers}, the weights' encoder ends differently")
+    if last[0] != config.dimension:
+        raise bad("dimension", f"is {config.dimension}, the weights' encoder makes {last[0]}")
+
+    layers = sorted(int(m.group(1)) for m in map(_LAYER_KEY.fullmatch, state_dict) if m is not None)
+    if layers != list(range(len(layers))) or not layers:
+        raise bad("bandwidths", "need codebooks, the weights' quantiser layers are not numbered 0..N-1")
+    book = shape("quantizer.vq.layers.0._codebook.embed")
+    if book is None or len(book) != 2:
+        raise bad("codebook_size", "is not what the weights hold (their first codebook is not a matrix)")
+    if book[0] != config.codebook_size:
+        raise bad("codebook_size", f"is {config.codebook_size}, the weights' codebooks hold {book[0]} codes")
+    if book[1] != config.dimension:
+        raise bad("dimension", f"is {config.dimension}, the weights' codebook vectors have {book[1]}")
+    if len(layers) != config.max_codebooks:
+        raise bad("sample_rate and bandwidths", f"give {config.max_codebooks} codebooks at "
+                  f"{config.bandwidths[-1]:g} kbps (sample_rate {config.sample_rate}, hop {config.hop_length}, "
+                  f"{config.bits_per_code}-bit codes); the weights hold {len(layers)}")
+
+
 def _config_for_path(path: Path, embedded: Optional[dict], model_name: Optional[str]) -> EncodecConfig:
     if embedded is not None:
-        try:
-            return EncodecConfig.from_dict(embedded)
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"{path}: invalid model config in checkpoint: {exc}") from None
+        return parse_config(embedded, f"{path}")
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
         try:
-            return EncodecConfig.from_dict(json.loads(sidecar.read_text()))
-        except (OSError, TypeError, ValueError) as exc:
+            raw = json.loads(sidecar.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
             raise WeightsError(f"{sidecar}: invalid model config: {exc}") from None
+        return parse_config(raw, str(sidecar))
     if model_name is not None:
         return get_spec(model_name).config
     for spec in _REGISTRY.values():
@@ -336,7 +446,11 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],
         if original.numel() == 0:
             continue
         tensor = original.cpu()
-        if tensor.is_floating_point():
+        if tensor.dtype == torch.float16:
+            # numpy's conversion (exact, as torch's): single-threaded, so it stays ~0.1 s for a
+            # release even on a busy machine, where torch's threads made it take a second.
+            tensor = torch.from_numpy(tensor.contiguous().numpy().astype(np.float32))
+        elif tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
         digest.update(key.encode("utf-8"))
         digest.update(str(tuple(tensor.shape)).encode("ascii"))
@@ -344,6 +458,57 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],
         if after_each is not None:
             after_each(original)
     return digest.digest()[:16]
+
+
+#: Key of ecdc's own checkpoints (exported model.th, releases) holding the hex
+#: :func:`weights_fingerprint` of their state dict, next to ``config``.
+FINGERPRINT_KEY = "fingerprint"
+_HEX_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
+def checkpoint_payload(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """What ecdc saves for a model: its config, its tensors, and their fingerprint.
+
+    Loading computes the fingerprint anyway (files record it), so comparing it with the
+    stored one costs nothing and turns a damaged copy (a flipped block on disk, a broken
+    transfer) into an error instead of a model that silently codes garbage.
+    """
+    tensors = dict(state_dict)
+    return {"config": config.to_dict(), "state_dict": tensors,
+            FINGERPRINT_KEY: weights_fingerprint(tensors).hex()}
+
+
+def stored_fingerprint(obj: Any, path: Path) -> Optional[str]:
+    """The fingerprint an ecdc checkpoint stores, or None (Meta's files, ecdc's from before)."""
+    if not isinstance(obj, Mapping) or FINGERPRINT_KEY not in obj:
+        return None
+    value = obj[FINGERPRINT_KEY]
+    if not isinstance(value, str) or not _HEX_FINGERPRINT.fullmatch(value):
+        raise WeightsError(f"{path}: the file is damaged: its stored weights fingerprint is not one")
+    return value
+
+
+def check_stored_fingerprint(stored: Optional[str], fingerprint: bytes, source: str) -> None:
+    """Refuse weights whose fingerprint is not the one their file stores (damage)."""
+    if stored is not None and fingerprint.hex() != stored:
+        raise WeightsError(f"{source}: the file is damaged: its weights do not match the fingerprint stored "
+                           f"with them ({fingerprint.hex()[:16]}, expected {stored[:16]}); use another copy")
+
+
+def _check_promised_sha256(path: Path) -> None:
+    """Verify a file named like Meta's checkpoints and ecdc's releases, ``<model>-<sha256
+    prefix>.th`` with a registered model name: its name states its hash (only such names:
+    a user's ``run-20261201.th`` promises nothing)."""
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None or path.name[:match.start()] not in _REGISTRY or not path.is_file():
+        return
+    try:
+        actual = _sha256_of(path)
+    except OSError:
+        return  # unreadable: the load says why
+    if not actual.startswith(match.group(1)):
+        raise WeightsError(f"{path}: the file is damaged: its sha256 is {actual[:16]}..., its name promises "
+                           f"{match.group(1)}; download or copy it again")
 
 
 _MADV_DONTNEED = 4
@@ -397,6 +562,7 @@ def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], s
     statistics, as after :meth:`~ecdc.models.EncodecModel.release_unused`, and codes
     exactly as with them, but cannot be trained further.
     """
+    check_config_fits(config, state_dict, source)  # before building what the config asks for
     # Built on the meta device and given the checkpoint's tensors (assign=True): no random
     # initialisation and no second copy of the weights, which would double the load's peak
     # memory. fp16-stored weights become float32 here, one tensor at a time.
@@ -435,8 +601,10 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
     """Load a model by registry name and/or checkpoint path; return it and its fingerprint."""
     if checkpoint is not None:
         path = Path(checkpoint)
+        _check_promised_sha256(path)
         loaded, mapped = _load_checkpoint_file(path)
         embedded, state_dict = _split_checkpoint(loaded, path)
+        stored = stored_fingerprint(loaded, path)
         del loaded
         config = _config_for_path(path, embedded, name)
         source = str(path)
@@ -451,6 +619,7 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
             path = download_checkpoint(spec.filename, progress=progress)
         loaded, mapped = _load_checkpoint_file(path)
         embedded, state_dict = _split_checkpoint(loaded, path)
+        stored = stored_fingerprint(loaded, path)
         del loaded
         config = spec.config
         source = str(path)
@@ -458,6 +627,7 @@ def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
     # fingerprint is the model's. Hashed before the model exists: a mapped file's pages
     # are released as they are hashed, before anything can have written to them.
     fingerprint = weights_fingerprint(state_dict, _release_mapped_pages if mapped else None)
+    check_stored_fingerprint(stored, fingerprint, source)
     if checkpoint is None and spec.fingerprint is not None and fingerprint.hex() != spec.fingerprint:
         raise WeightsError(f"{source}: these are not the weights of release {name!r} (fingerprint "
                            f"{fingerprint.hex()[:16]}, expected {spec.fingerprint[:16]}): the installation "

@@ -8,17 +8,65 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..container import (MAX_BITS, MAX_CODEBOOKS, MAX_HOP_LENGTH, MAX_MODEL_CHANNELS, MAX_NAME_BYTES,
+                         MAX_SAMPLE_RATE, MAX_SEGMENT_LENGTH)
 from ..errors import ModelError
 from ..perf import tune_allocator
 from .modules import CONV_NORMS
 from .quantizer import ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder, run_layers_batched
+
+
+#: Bounds of an :class:`EncodecConfig`. Where a field reaches a file's header they are the
+#: .ecdc format's own limits (ecdc.container); elsewhere far beyond any real codec. A config
+#: comes from untrusted checkpoints, and what it asks for (codebooks, layers, widths) is
+#: built before the weights can be compared with it: bounded, that costs milliseconds.
+MIN_SAMPLE_RATE = 1000
+MAX_BANDWIDTHS = 64
+MAX_RATIOS = 16
+MAX_LAYERS = 16  # n_residual_layers, lstm_layers
+MAX_WIDTH = 1 << 16  # channels of the widest layer (n_filters * 2 ** len(ratios)) and dimension
+MAX_BANDWIDTH_KBPS = 0xFFFFFFFF / 1000  # what a header's bandwidth field holds
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line error message: repr, cut short (configs come from hostile files)."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__} of {value.bit_length() if _is_int(value) else '?'} bits>"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def format_kbps(kbps: float) -> str:
+    """A bandwidth as short as ``:g`` where that is exact, else in full (``repr``), so that
+    distinct values print distinctly: -b 6.0000001 is not shown as "6"."""
+    short = f"{kbps:g}"
+    return short if float(short) == kbps else repr(float(kbps))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_float(value: Any) -> Optional[float]:
+    """``value`` as a finite float, or None when it is not a finite real number (or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -42,36 +90,130 @@ class EncodecConfig:
     codebook_size: int = 1024
 
     def __post_init__(self) -> None:
-        # Accept lists (e.g. straight from JSON) but store tuples so the config stays hashable.
-        object.__setattr__(self, "bandwidths", tuple(float(b) for b in self.bandwidths))
-        object.__setattr__(self, "ratios", tuple(int(r) for r in self.ratios))
-        problems = []
-        if self.sample_rate < 1:
-            problems.append("sample_rate must be positive")
-        if self.channels < 1:
-            problems.append("channels must be positive")
-        if self.norm not in CONV_NORMS:
-            problems.append(f"norm must be one of {', '.join(CONV_NORMS)}")
-        if self.norm == "time_group_norm" and self.causal:
-            problems.append("time_group_norm cannot be causal")
-        if not self.bandwidths or any(b <= 0 for b in self.bandwidths):
-            problems.append("bandwidths must be a non-empty list of positive numbers")
-        elif list(self.bandwidths) != sorted(set(self.bandwidths)):
-            problems.append("bandwidths must be strictly ascending")
-        if self.segment is not None and self.segment <= 0:
-            problems.append("segment must be positive or None")
-        if not 0 <= self.overlap < 1:
-            problems.append("overlap must be in [0, 1)")
-        if not self.ratios or any(r < 1 for r in self.ratios):
-            problems.append("ratios must be positive")
-        if self.n_filters < 1 or self.dimension < 1:
-            problems.append("n_filters and dimension must be positive")
-        if self.n_residual_layers < 0 or self.lstm_layers < 0:
-            problems.append("n_residual_layers and lstm_layers must be >= 0")
-        if self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1):
-            problems.append("codebook_size must be a power of two")
+        """Check every field's type and range, naming the field, before anything is built.
+
+        Lists (e.g. straight from JSON) are stored as tuples so the config stays hashable;
+        strings, bools, NaN and infinities are refused rather than converted.
+        """
+        problems: list[str] = []
+
+        def integer(field: str, lo: int, hi: int) -> Optional[int]:
+            value = getattr(self, field)
+            if not _is_int(value) or not lo <= value <= hi:
+                problems.append(f"{field} must be an integer in {lo}..{hi}, got {_show(value)}")
+                return None
+            object.__setattr__(self, field, int(value))
+            return int(value)
+
+        def sequence(field: str, most: int) -> Optional[tuple]:
+            value = getattr(self, field)
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= most:
+                problems.append(f"{field} must be a list of 1..{most} numbers, got {_show(value)}")
+                return None
+            return tuple(value)
+
+        def flag(field: str) -> None:
+            if not isinstance(getattr(self, field), bool):
+                problems.append(f"{field} must be true or false, got {_show(getattr(self, field))}")
+
+        if not isinstance(self.name, str):
+            problems.append(f"name must be a string, got {_show(self.name)}")
+        elif (not 1 <= len(self.name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+              or not self.name.isprintable() or any("\ud800" <= c <= "\udfff" for c in self.name)):
+            problems.append(f"name must be 1..{MAX_NAME_BYTES} printable UTF-8 bytes, got {_show(self.name)}")
+        sample_rate = integer("sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
+        integer("channels", 1, MAX_MODEL_CHANNELS)
+        flag("causal")
+        flag("normalize")
+        if not isinstance(self.norm, str) or self.norm not in CONV_NORMS:
+            problems.append(f"norm must be one of {', '.join(CONV_NORMS)}, got {_show(self.norm)}")
+        elif self.norm == "time_group_norm" and self.causal is True:
+            problems.append("norm time_group_norm cannot be causal")
+
+        bandwidths = sequence("bandwidths", MAX_BANDWIDTHS)
+        if bandwidths is not None:
+            values = [_as_float(b) for b in bandwidths]
+            bad = [b for b, v in zip(bandwidths, values) if v is None or not 0.001 <= v <= MAX_BANDWIDTH_KBPS]
+            if bad:
+                problems.append(f"bandwidths must be finite numbers in 0.001..{MAX_BANDWIDTH_KBPS:.3f} kbps, "
+                                f"got {_show(bad[0])}")
+                bandwidths = None
+            elif values != sorted(set(values)):
+                problems.append("bandwidths must be strictly ascending")
+                bandwidths = None
+            else:
+                bandwidths = tuple(values)
+                object.__setattr__(self, "bandwidths", bandwidths)
+
+        ratios = sequence("ratios", MAX_RATIOS)
+        if ratios is not None:
+            if not all(_is_int(r) and r >= 1 for r in ratios):
+                problems.append(f"ratios must be positive integers, got {_show(list(ratios))}")
+                ratios = None
+            elif math.prod(ratios) > MAX_HOP_LENGTH:
+                problems.append(f"ratios multiply to a hop of {math.prod(ratios)} samples, over {MAX_HOP_LENGTH}")
+                ratios = None
+            else:
+                ratios = tuple(int(r) for r in ratios)
+                object.__setattr__(self, "ratios", ratios)
+
+        n_filters = integer("n_filters", 1, MAX_WIDTH)
+        if n_filters is not None and ratios is not None and n_filters << len(ratios) > MAX_WIDTH:
+            problems.append(f"n_filters {n_filters} doubled over {len(ratios)} ratios exceeds {MAX_WIDTH} channels")
+        integer("dimension", 1, MAX_WIDTH)
+        integer("n_residual_layers", 0, MAX_LAYERS)
+        integer("lstm_layers", 0, MAX_LAYERS)
+        codebook_size = integer("codebook_size", 2, 1 << MAX_BITS)
+        if codebook_size is not None and codebook_size & (codebook_size - 1):
+            problems.append(f"codebook_size must be a power of two, got {codebook_size}")
+            codebook_size = None
+
+        overlap = _as_float(self.overlap)
+        if overlap is None or not 0 <= overlap < 1:
+            problems.append(f"overlap must be a number in [0, 1), got {_show(self.overlap)}")
+        else:
+            object.__setattr__(self, "overlap", overlap)
+        if self.segment is not None:
+            segment = _as_float(self.segment)
+            if segment is None or segment <= 0:
+                problems.append(f"segment must be a positive number of seconds or null, got {_show(self.segment)}")
+            elif sample_rate is not None and not 1 <= segment * sample_rate < MAX_SEGMENT_LENGTH + 1:
+                problems.append(f"segment of {segment:g} s is {segment * sample_rate:.3g} samples, "
+                                f"outside 1..{MAX_SEGMENT_LENGTH}")
+            else:
+                object.__setattr__(self, "segment", segment)
+
+        if not problems and not 1 <= self.max_codebooks <= MAX_CODEBOOKS:
+            problems.append(f"bandwidths up to {self.bandwidths[-1]:g} kbps need {self.max_codebooks} codebooks "
+                            f"at sample_rate {self.sample_rate} (hop {self.hop_length}, {self.bits_per_code}-bit "
+                            f"codes), over the {MAX_CODEBOOKS} a file can hold")
         if problems:
-            raise ValueError(f"invalid EncodecConfig {self.name!r}: " + "; ".join(problems))
+            raise ValueError(f"invalid EncodecConfig {_show(self.name)}: " + "; ".join(problems))
+
+    # Geometry every user of a config needs (the model, the weights check), computed without
+    # building anything.
+
+    @property
+    def hop_length(self) -> int:
+        """Samples per frame of codes."""
+        return math.prod(self.ratios)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def bits_per_code(self) -> int:
+        return int(math.log2(self.codebook_size))
+
+    def codebooks_for(self, bandwidth: float) -> int:
+        """Codebooks used at ``bandwidth`` kbps (Meta's formula: 24 kbps -> 32 at 24 kHz)."""
+        return max(1, int(bandwidth * 1000 // (self.bits_per_code * self.frame_rate)))
+
+    @property
+    def max_codebooks(self) -> int:
+        """Quantiser layers of the model: the codebooks of the highest bandwidth."""
+        return self.codebooks_for(self.bandwidths[-1])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of JSON types (tuples become lists)."""
@@ -81,12 +223,16 @@ class EncodecConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EncodecConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "EncodecConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"an EncodecConfig must be a mapping, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise ValueError(f"unknown EncodecConfig keys: {', '.join(unknown)}")
+            shown = ", ".join(k if isinstance(k, str) and k.isidentifier() and len(k) <= 40 else _show(k)
+                              for k in unknown[:5])
+            raise ValueError(f"unknown EncodecConfig keys: {shown}{', ...' if len(unknown) > 5 else ''}")
         try:
             return cls(**d)
         except TypeError as exc:  # missing required keys
@@ -194,15 +340,15 @@ class EncodecModel(nn.Module):
         self.sample_rate = config.sample_rate
         self.channels = config.channels
         self.bandwidths = config.bandwidths
-        self.hop_length = math.prod(config.ratios)
-        self.frame_rate = config.sample_rate / self.hop_length
-        self.bits_per_code = int(math.log2(config.codebook_size))
+        self.hop_length = config.hop_length
+        self.frame_rate = config.frame_rate
+        self.bits_per_code = config.bits_per_code
         common: dict[str, Any] = dict(
             channels=config.channels, dimension=config.dimension, n_filters=config.n_filters,
             n_residual_layers=config.n_residual_layers, ratios=config.ratios, norm=config.norm,
             causal=config.causal, lstm_layers=config.lstm_layers,
         )
-        self.max_codebooks = self._codebooks_for(config.bandwidths[-1])
+        self.max_codebooks = config.max_codebooks
         # Registration order = state-dict key order; Meta's is encoder, quantizer, decoder.
         self.encoder = SEANetEncoder(**common)
         self.quantizer = ResidualVectorQuantizer(config.dimension, self.max_codebooks,
@@ -264,13 +410,14 @@ class EncodecModel(nn.Module):
         return max(1, int((1 - self.config.overlap) * length))
 
     def _codebooks_for(self, bandwidth: float) -> int:
-        return max(1, int(bandwidth * 1000 // (self.bits_per_code * self.frame_rate)))
+        return self.config.codebooks_for(bandwidth)
 
     def num_codebooks(self, bandwidth: float) -> int:
         """Codebooks used at ``bandwidth`` kbps (Meta's formula: 24 kbps -> 32 at 24 kHz)."""
         if bandwidth not in self.bandwidths:
-            valid = ", ".join(f"{b:g}" for b in self.bandwidths)
-            raise ModelError(f"{self.name} does not support {bandwidth:g} kbps; choose one of {valid}")
+            valid = ", ".join(format_kbps(b) for b in self.bandwidths)
+            raise ModelError(f"{self.name} does not support {format_kbps(bandwidth)} kbps; "
+                             f"choose one of {valid}")
         return self._codebooks_for(bandwidth)
 
     # ------------------------------------------------------------------ encode / decode

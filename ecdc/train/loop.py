@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..codec import atomic_output, resolve_device
 from ..errors import EcdcError
 from ..models.encodec import EncodecModel
+from ..weights import checkpoint_payload
 from .balancer import Balancer
 from .config import TrainConfig, dump_config
 from .data import (AudioCache, CropDataset, ValidationSet, find_audio_files, folder_groups, make_train_loader,
@@ -393,7 +394,8 @@ class Trainer:
             return
         with atomic_output(self.run_dir / CHECKPOINT) as f:
             torch.save(self.state_dict(), f)
-        export = {"config": self.model_config.to_dict(), "state_dict": self.exported_model().state_dict()}
+        # With its weights' fingerprint, so a damaged copy is refused when loaded.
+        export = checkpoint_payload(self.model_config, self.exported_model().state_dict())
         with atomic_output(self.run_dir / MODEL_FILE) as f:
             torch.save(export, f)
         with atomic_output(self.run_dir / DISCRIMINATOR_FILE) as f:

@@ -117,6 +117,9 @@ def _read_run(source: Path) -> Tuple[Path, bytes, EncodecConfig, Dict[str, torch
         config = EncodecConfig.from_dict(embedded)
     except ValueError as exc:
         raise ReleaseError(f"{path}: {exc}") from None
+    # Never release damaged weights: model.th stores their fingerprint (since ecdc wrote it).
+    weights.check_stored_fingerprint(weights.stored_fingerprint(obj, path),
+                                     weights.weights_fingerprint(state_dict), str(path))
     return path, data, config, dict(state_dict)
 
 
@@ -196,7 +199,7 @@ def make_release(source: Path, version: int, description: str, family: Optional[
         raise ReleaseError("the loaded release's fingerprint differs from its file's")
 
     buf = io.BytesIO()
-    torch.save({"config": release_config.to_dict(), "state_dict": packed}, buf)
+    torch.save(weights.checkpoint_payload(release_config, packed), buf)  # with its fingerprint
     blob = buf.getvalue()
     sha = hashlib.sha256(blob).hexdigest()
     filename = f"{name}-{sha[:8]}.th"
