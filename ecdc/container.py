@@ -33,24 +33,30 @@ Salvage API (``ecdc decompress --salvage``)::
                            # replaced by silence"; empty for an undamaged file
     reader.gaps            # list[Gap], the gaps yielded
     reader.total_samples   # the end marker's sample count if it survived, else None
-                           # (then header.num_samples, if known, is the length)
+    reader.salvaged_samples  # the length the evidence supports (the end marker's, when
+                           # its silence is allowed), else None: keep what was recovered
 
 Salvage never raises for damage after the header.  At a chunk that does not
 parse (bad CRC, garbled length, truncation, garbage) it scans forward for the
 next byte offset where a code chunk or end marker parses with a valid CRC, and
 uses ``chunk_index`` to tell how many chunks were lost.  Gaps are sized as in
 :class:`Gap`: unsegmented chunks all hold the same number of frames but the
-last, segmented ones are one segment each, and the end marker (or the
-header's ``num_samples``) sizes a gap at the end.  Duplicated or out-of-order
-chunks (an index already passed) are dropped; an index implausibly far ahead
-(more than a week of audio) is ignored.  Decoders should still trim or pad
-the result to ``total_samples`` (or ``header.num_samples``) when known, and
-produce a gap's silence in blocks: a hostile file can make a gap as long as
-the week the format allows.  The scan is linear in the file size and holds at
+last, segmented ones are one segment each, and the end marker sizes a gap at
+the end.  Silence is only put where an intact chunk after the loss proves
+it: a later chunk index, or the end marker.  A truncated end is reported, not
+filled to the header's ``num_samples`` (an 81-byte header can claim a week).
+And the silence in all stays within a limit proportional to the file's size
+(:func:`salvage_silence_limit`, or ``max_silence``): where a gap would
+exceed it, recovery stops there with a damage line.  Duplicated or
+out-of-order chunks (an index already passed) are dropped; an index
+implausibly far ahead (more than a week of audio) is ignored.  Decoders
+should trim or pad the result to ``salvaged_samples`` when it is set (else
+trim to ``total_samples`` or ``header.num_samples``, never pad), and produce a
+gap's silence in blocks.  The scan is linear in the file size and holds at
 most one chunk (16 MiB) plus 64 KiB in memory; after a resync it may have read
 past the end marker of a non-seekable stream.  Version 0 files have no
-checksums: salvage recovers a truncated one (a Gap for the rest) and turns a
-segment with an invalid scale into a Gap.
+checksums: salvage recovers the intact start of a truncated one (the rest is
+reported) and turns a segment with an invalid scale into a Gap.
 
 This module deliberately imports only numpy and the standard library.
 """
@@ -88,8 +94,11 @@ __all__ = [
     "MAX_CHUNK_PAYLOAD",
     "MAX_CHUNK_CODES",
     "MAX_DURATION_SECONDS",
+    "MAX_SCALE",
+    "SALVAGE_SILENCE_RATIO",
     "UNKNOWN_SAMPLES",
     "max_samples",
+    "salvage_silence_limit",
     "StereoMode",
     "EcdcHeader",
     "CodeChunk",
@@ -123,7 +132,11 @@ MAX_CHUNK_PAYLOAD = 16 * 1024 * 1024
 UNKNOWN_SAMPLES = 2**64 - 1
 
 MAX_SAMPLE_RATE = 1_000_000
+#: The input rates ecdc encodes (``ecdc.audio.check_sample_rate``); the original rate is
+#: what a decoder writes by default, so a header may not claim one ecdc would not accept.
+MIN_ORIGINAL_SAMPLE_RATE = 1000
 MAX_MODEL_CHANNELS = 16
+#: libsndfile's limit (SF_MAX_CHANNELS): no input ecdc reads has more, so no output needs more.
 MAX_ORIGINAL_CHANNELS = 1024
 MAX_CODEBOOKS = 64
 MAX_HOP_LENGTH = 1 << 16
@@ -163,7 +176,31 @@ _V0_SCALE = struct.Struct(">f")
 # lying length never causes a large allocation before EOF is seen.
 _READ_PIECE = 1 << 20
 
-_F32_MAX = float(np.finfo(np.float32).max)
+#: Largest scale a code chunk may carry.  A scale is the RMS of a segment of finite
+#: float32 audio, computed in float32: above 2**64 its square overflows, so no encoder
+#: writes more, and a decoder multiplying by more could overflow to inf.
+MAX_SCALE = 2.0 ** 64
+
+#: By default salvage fills at most this many times the audio that the bytes of the file
+#: could code (at the header's bits per frame) with silence, so that the output stays
+#: proportional to the input: a gap has to be backed by the file's size, not only by a
+#: number in it.  8 still fills a file that lost 7/8 of its chunks outright (a real
+#: file also spends bytes on framing); ``EcdcReader(max_silence=...)`` sets another limit.
+SALVAGE_SILENCE_RATIO = 8
+
+
+def salvage_silence_limit(header: "EcdcHeader", nbytes: int) -> int:
+    """Samples of silence salvage fills in by default for a file of ``nbytes`` bytes.
+
+    ``SALVAGE_SILENCE_RATIO`` times the samples that ``nbytes`` bytes of codes hold.
+    """
+    bits_per_frame = header.streams * header.num_codebooks * header.bits_per_code
+    return SALVAGE_SILENCE_RATIO * 8 * max(int(nbytes), 0) * header.hop_length // bits_per_frame
+
+
+def _valid_scale(scale: float) -> bool:
+    """A scale a decoder can apply: finite, 0..MAX_SCALE (NaN fails every comparison)."""
+    return 0.0 <= scale <= MAX_SCALE
 
 
 def max_samples(sample_rate: int) -> int:
@@ -237,6 +274,11 @@ class EcdcHeader:
         return self.segment_length != 0
 
     @property
+    def segment_frames(self) -> int:
+        """Most frames a code chunk of a segmented model holds: one whole segment's."""
+        return -(-self.segment_length // self.hop_length)
+
+    @property
     def bandwidth_bps(self) -> int:
         """The bandwidth as stored in the file: whole bits per second."""
         return int(round(self.bandwidth * 1000))
@@ -269,7 +311,7 @@ class EcdcHeader:
             ("hop_length", 1, MAX_HOP_LENGTH),
             ("segment_length", 0, MAX_SEGMENT_LENGTH),
             ("segment_stride", 0, MAX_SEGMENT_LENGTH),
-            ("original_sample_rate", 1, MAX_SAMPLE_RATE),
+            ("original_sample_rate", MIN_ORIGINAL_SAMPLE_RATE, MAX_SAMPLE_RATE),
             ("original_channels", 1, MAX_ORIGINAL_CHANNELS),
         ):
             value = getattr(self, field)
@@ -535,8 +577,8 @@ class EcdcWriter:
             if chunk.scale is None:
                 raise ValueError("this header has has_scale=True: every chunk needs a scale")
             scale = float(chunk.scale)
-            if not (math.isfinite(scale) and 0.0 <= scale <= _F32_MAX):
-                raise ValueError(f"scale must be a finite float32 >= 0, got {chunk.scale!r}")
+            if not _valid_scale(scale):
+                raise ValueError(f"scale must be a finite float in 0..2**64, got {chunk.scale!r}")
             scale_bytes = _SCALE.pack(scale)
         else:
             if chunk.scale is not None:
@@ -552,6 +594,11 @@ class EcdcWriter:
             raise ValueError(
                 f"a chunk of {n_frames} frames holds {codes.size} codes, over the "
                 f"{MAX_CHUNK_CODES}-code limit; write fewer frames per chunk"
+            )
+        if h.segmented and n_frames > h.segment_frames:
+            raise ValueError(
+                f"a segmented model's code chunk is one segment, at most {h.segment_frames} "
+                f"frames; got {n_frames}"
             )
         # File order is frame, stream, codebook.
         packed = pack_codes(np.ascontiguousarray(codes.transpose(2, 0, 1)), h.bits_per_code)
@@ -645,6 +692,8 @@ _SCAN_CREDIT_START = 2 * (MAX_CHUNK_PAYLOAD + 9)
 _MAX_EXACT_TAIL = 4096
 # Stream events the salvager may look ahead to size a gap at the start of a file.
 _MAX_PEEK = 64
+# How every gap's description ends.
+_FILLED = ", replaced by silence"
 
 
 class EcdcReader:
@@ -660,19 +709,33 @@ class EcdcReader:
     With ``salvage=True`` a damaged stream is recovered instead of refused:
     iteration yields intact :class:`CodeChunk` objects and :class:`Gap` markers
     in order, :attr:`damage` describes what was lost (see the module docstring).
-    A damaged header is still a FormatError.
+    A damaged header is still a FormatError.  ``max_silence`` (seconds) is the
+    most silence salvage puts in place of lost audio; None (the default) is
+    :func:`salvage_silence_limit` of the file's size, so output stays
+    proportional to input; ``math.inf`` allows what the format allows.
     """
 
     header: EcdcHeader
     total_samples: int | None
     original_samples: int | None
 
-    def __init__(self, fileobj: BinaryIO, salvage: bool = False) -> None:
+    def __init__(self, fileobj: BinaryIO, salvage: bool = False,
+                 max_silence: float | None = None) -> None:
         self._f = fileobj
         self._pos = 0
         self.salvage = bool(salvage)
+        if max_silence is not None and not max_silence >= 0:
+            raise ValueError(f"max_silence must be a number of seconds >= 0, got {max_silence!r}")
+        self.max_silence = max_silence
         self.total_samples = None
         self.original_samples = None
+        #: Salvage mode: the length (at the model's rate) the evidence says the recovered
+        #: audio has, gaps and end included: the end marker's count when it survived and
+        #: the silence it implies is allowed.  None: keep what was recovered, trimmed to
+        #: ``total_samples`` or ``header.num_samples`` when known; never padded to them.
+        self.salvaged_samples: int | None = None
+        self._silence = 0  # samples of silence handed out so far (gaps and end padding)
+        self._size: int | None = None  # bytes in the stream, where the file can tell
         self.chunks_read = 0
         #: Code chunk count from the end marker (None until it is read, or if it was lost).
         self.chunks_expected: int | None = None
@@ -773,11 +836,19 @@ class EcdcReader:
                 f"corrupt .ecdc stream: {what} holds {n_codes} codes, more than the "
                 f"{MAX_CHUNK_CODES}-code limit"
             )
+        if h.segmented and n_frames > h.segment_frames:
+            # One chunk is one segment, decoded in one pass: more frames would make the
+            # decoder's activations as large as the chunk (gigabytes from a few KB).
+            raise FormatError(
+                f"corrupt .ecdc stream: {what} holds {n_frames} frames, but a code chunk is one "
+                f"segment of {h.segment_length} samples, at most {h.segment_frames} frames"
+            )
         scale = None
         if h.has_scale:
             (scale,) = _SCALE.unpack_from(payload, _CODE_HEAD.size)
-            if not (math.isfinite(scale) and scale >= 0.0):
-                raise FormatError(f"corrupt .ecdc stream: {what} has invalid scale {scale!r}")
+            if not _valid_scale(scale):
+                raise FormatError(f"corrupt .ecdc stream: {what} has invalid scale {scale!r} "
+                                  f"(a scale is finite, 0..2**64)")
         codes = unpack_codes(memoryview(payload)[_CODE_HEAD.size + scale_size:], h.bits_per_code, n_codes)
         codes = codes.reshape(n_frames, h.streams, h.num_codebooks).transpose(1, 2, 0)
         return CodeChunk(np.ascontiguousarray(codes), scale, index)
@@ -923,6 +994,8 @@ class EcdcReader:
             if (n_frames < 1 or n_frames * h.streams * h.num_codebooks > MAX_CHUNK_CODES
                     or length != _CODE_HEAD.size + scale_size + _expected_code_bytes(h, n_frames)):
                 return None, f"length field ({length} bytes) does not fit its {n_frames} frames"
+            if h.segmented and n_frames > h.segment_frames:
+                return None, f"{n_frames} frames, more than one segment holds ({h.segment_frames})"
         elif ctype == CHUNK_END:
             if length < _END.size:
                 return None, f"invalid length field ({length} bytes)"
@@ -1049,14 +1122,58 @@ class EcdcReader:
             label = label.replace("code chunk", "piece")
         t0 = start_sample / h.sample_rate
         t1 = (start_sample + num_samples) / h.sample_rate
-        text = f"{label} ({t0:.2f}-{t1:.2f} s): {why}, replaced by silence"
+        text = f"{label} ({t0:.2f}-{t1:.2f} s): {why}{_FILLED}"
         return Gap(first, n, n_frames, start_frame, start_sample, num_samples, h.sample_rate,
                    exact, text)
 
     def _emit(self, gap: Gap) -> Iterator[Gap]:
         self.gaps.append(gap)
         self.damage.append(gap.description)
+        self._silence += gap.num_samples
         yield gap
+
+    def _stream_size(self) -> int | None:
+        """Bytes in the whole stream where the file object can tell (a file), else None."""
+        try:
+            if not self._f.seekable():
+                return None
+            here = self._f.tell()
+            end = self._f.seek(0, io.SEEK_END)
+            self._f.seek(here)
+        except (AttributeError, OSError, ValueError):
+            return None
+        return self._pos + max(end - here, 0)
+
+    def _silence_limit(self, pos: int) -> int | None:
+        """Most samples of silence salvage hands out in all, ``pos`` bytes into the stream."""
+        if self.max_silence is None:
+            return salvage_silence_limit(self.header, max(pos, self._size or 0))
+        if math.isinf(self.max_silence):
+            return None  # only the format's own bounds (a week per gap)
+        return int(self.max_silence * self.header.sample_rate)
+
+    def _allows(self, silence: int, pos: int) -> bool:
+        """Whether ``silence`` more samples of it stay within the limit at byte ``pos``."""
+        limit = self._silence_limit(pos)
+        return limit is None or self._silence + silence <= limit
+
+    def _limit_note(self, silence: int, pos: int) -> str:
+        """Why ``silence`` samples in all are too many, for a damage line."""
+        rate = self.header.sample_rate
+        limit = self._silence_limit(pos) or 0
+        if self.max_silence is None:
+            size = max(pos, self._size or 0)
+            whose = f"salvage fills for a file of {size} bytes (--max-silence allows more)"
+        else:
+            whose = "--max-silence allows"
+        return f"{silence / rate:.2f} s of silence in all, more than the {limit / rate:.2f} s {whose}"
+
+    def _unfilled_end(self, total: int, covered: int, source: str) -> str:
+        """The damage line for an end that is lost and not replaced by silence."""
+        rate = self.header.sample_rate
+        return (f"the {source} says the audio is {total / rate:.2f} s long, but only the first "
+                f"{covered / rate:.2f} s were recovered; the last {(total - covered) / rate:.2f} s "
+                f"are lost and not replaced by silence")
 
     @staticmethod
     def _why(pending: list[tuple[int, int, str]], sizes: bool = False) -> str:
@@ -1090,6 +1207,8 @@ class EcdcReader:
 
         expected = 0  # chunk_index of the next code chunk
         frames = 0  # frames accounted for so far, intact plus estimated gaps
+        covered = 0  # first sample after the audio yielded so far (chunks and gaps)
+        self._size = self._stream_size()
         unit: int | None = None  # frames in every code chunk but the last (unsegmented)
         prev: int | None = None  # frames in the last intact chunk
         pending: list[tuple[int, int, str]] = []
@@ -1132,14 +1251,11 @@ class EcdcReader:
                 return None
             return self._make_gap(expected, lost, count, frames, frames * hop, count * hop, exact, why)
 
-        def trailing_gap(total: int | None, n_chunks: int | None) -> Gap | None:
-            """The Gap for everything after the last intact chunk, if ``total`` tells its size."""
+        def trailing_gap(total: int, n_chunks: int) -> Gap | None:
+            """The Gap for the chunks after the last intact one, from the end marker."""
             why = self._why(pending)
-            if total is None:
-                return None
             if h.segmented:
-                all_chunks = -(-total // h.segment_stride)
-                lost = (n_chunks if n_chunks is not None else all_chunks) - expected
+                lost = n_chunks - expected
                 if lost <= 0:
                     return None
                 start = expected * h.segment_stride
@@ -1147,10 +1263,6 @@ class EcdcReader:
                 return self._make_gap(expected, lost, count, frames, start, max(total - start, 0),
                                       exact, why)
             count = -(-total // hop) - frames
-            if n_chunks is None:
-                if count <= 0:
-                    return None
-                n_chunks = expected + -(-count // (unit or max(prev or 0, fallback_unit)))
             lost = n_chunks - expected
             if lost <= 0:
                 return None
@@ -1183,7 +1295,17 @@ class EcdcReader:
                             f"chunk {expected - 1}; ignored"
                         )
                         continue
+                    if not self._allows(gap.num_samples, ev[2]):
+                        # The index proves the loss but a file this small cannot have held
+                        # that much audio; filling it is what a hostile file would want.
+                        self.damage.append(
+                            f"{gap.description.removesuffix(_FILLED)}; filling it "
+                            f"would take {self._limit_note(self._silence + gap.num_samples, ev[2])}; "
+                            f"recovery stops at byte {ev[1]}"
+                        )
+                        return
                     frames += gap.n_frames
+                    covered = max(covered, gap.end_sample)
                     yield from self._emit(gap)
                 else:
                     skipped_note()
@@ -1192,6 +1314,7 @@ class EcdcReader:
                     unit = prev
                 prev = n
                 frames += n
+                covered = max(covered, i * h.segment_stride + n * hop if h.segmented else frames * hop)
                 expected = i + 1
                 self.chunks_read += 1
                 yield chunk
@@ -1214,6 +1337,19 @@ class EcdcReader:
                             f"the end marker counts {count} code chunks but chunk {expected - 1} was read"
                         )
                     gap = trailing_gap(total, count)
+                    end = max(covered, gap.end_sample) if gap is not None else covered
+                    extra = (gap.num_samples if gap is not None else 0) + max(total - end, 0)
+                    self.chunks_expected = count
+                    self.total_samples = total
+                    if extra and not self._allows(extra, ev[2]):
+                        # The end marker proves the length, but not that the file is big
+                        # enough for that much silence: report the loss, do not fill it.
+                        skipped_note()
+                        self.damage.append(
+                            f"{self._unfilled_end(total, covered, 'end marker')}; filling them would take "
+                            f"{self._limit_note(self._silence + extra, ev[2])}"
+                        )
+                        return
                     if gap is not None:
                         frames += gap.n_frames
                         yield from self._emit(gap)
@@ -1224,8 +1360,8 @@ class EcdcReader:
                             f"the recovered audio covers {frames * hop} samples but the end marker "
                             f"says {total}; the end is padded with silence"
                         )
-                    self.chunks_expected = count
-                    self.total_samples = total
+                    self._silence += max(total - end, 0)
+                    self.salvaged_samples = total
                     self.original_samples = self._plausible_original(total, original)
                     return
             if kind == "eof":
@@ -1234,14 +1370,15 @@ class EcdcReader:
                 self.damage.append(
                     f"the file ends at byte {pos} without an intact end marker (truncated){why}"
                 )
-                gap = trailing_gap(known, None)
-                if gap is not None:
-                    yield from self._emit(gap)
-                elif known is None:
+                # Nothing intact after the loss says how long it was: the header's length is
+                # only a claim (81 bytes can claim a week), so the end is not filled in.
+                if known is None:
                     self.damage.append(
                         "the header does not give the length (streamed file), so how much audio "
                         "was lost at the end is unknown"
                     )
+                elif known > covered:
+                    self.damage.append(self._unfilled_end(known, covered, "header"))
                 return
 
     # -- version 0 (Meta)
@@ -1324,26 +1461,21 @@ class EcdcReader:
             seg_len = min(total - offset, h.segment_length)
             yield -(-seg_len // hop), offset
 
-    def _v0_lost(self, index: int, segment: int, first_frame: int, frames_before: int,
-                 exc: TruncatedError) -> Iterator[Gap]:
-        """Salvage of a truncated version 0 file: one Gap for everything not read."""
+    def _v0_lost(self, segment: int, first_frame: int, exc: TruncatedError) -> None:
+        """Salvage of a truncated version 0 file: the end is reported as lost, not filled.
+
+        Only the header gives the length, and a 60-byte header can claim a week: with no
+        intact data after the loss, nothing proves it (as for version 1, section 12).
+        """
         h = self.header
         total = h.num_samples or 0
         self.damage.append(f"the file ends at byte {self._pos} (truncated): {exc}")
-        why = f"truncated at byte {self._pos}"
-        if h.segmented:
-            lost = -(-total // h.segment_stride) - segment
-            start = segment * h.segment_stride
-            count, exact = self._segment_frames(segment, lost, total)
-            gap = self._make_gap(index, lost, count, frames_before, start, total - start, exact, why)
+        if h.segmented:  # up to the end of the last intact segment
+            covered = min((segment - 1) * h.segment_stride + h.segment_length, total) if segment else 0
         else:
-            count = -(-total // h.hop_length) - first_frame
-            lost = -(-count // _V0_PIECE_FRAMES)
-            gap = self._make_gap(index, lost, count, first_frame, first_frame * h.hop_length,
-                                 count * h.hop_length, True, why)
-        yield from self._emit(gap)
-        self.total_samples = h.num_samples
-        self.original_samples = h.num_samples
+            covered = first_frame * h.hop_length
+        if total > covered:
+            self.damage.append(self._unfilled_end(total, covered, "header"))
 
     def _iter_v0(self) -> Iterator[CodeChunk | Gap]:
         h = self.header
@@ -1362,9 +1494,9 @@ class EcdcReader:
             except TruncatedError as exc:
                 if not self.salvage:
                     raise
-                yield from self._v0_lost(index, segment, 0, frames, exc)
+                self._v0_lost(segment, 0, exc)
                 return
-            if scale is not None and not (math.isfinite(scale) and scale >= 0.0):
+            if scale is not None and not _valid_scale(scale):
                 if not self.salvage:
                     raise FormatError(f"corrupt version 0 .ecdc file: {what} has invalid scale {scale!r}")
                 bad_scale = True
@@ -1378,7 +1510,7 @@ class EcdcReader:
                 except TruncatedError as exc:
                     if not self.salvage:
                         raise
-                    yield from self._v0_lost(index, segment, first, frames, exc)
+                    self._v0_lost(segment, first, exc)
                     return
                 if bad_scale:  # only segmented models carry a scale: one piece per segment
                     gap = self._make_gap(index, 1, m, frames, start, min(h.segment_stride, total - start),
@@ -1392,6 +1524,8 @@ class EcdcReader:
                 frames += m
         self.total_samples = h.num_samples
         self.original_samples = h.num_samples
+        if self.salvage:  # every segment was read: its gaps are backed by the bytes read
+            self.salvaged_samples = h.num_samples
 
     # -- iteration
 

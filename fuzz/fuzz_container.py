@@ -38,11 +38,12 @@ def _read(data: bytes, salvage: bool) -> tuple[container.EcdcReader, list] | Non
         return None
 
 
-def _check_salvage(reader: container.EcdcReader, items: list) -> None:
+def _check_salvage(reader: container.EcdcReader, items: list, size: int) -> None:
     """Invariants of a salvage read: chunks and gaps tile the chunk indices in order."""
     h = reader.header
     expected = 0
     silence = 0
+    span = 0  # samples the intact chunks can account for
     for item in items:
         if isinstance(item, container.Gap):
             assert item.first_chunk == expected, (item, expected)
@@ -55,8 +56,13 @@ def _check_salvage(reader: container.EcdcReader, items: list) -> None:
             assert item.index == expected or h.version == 0, "a gap must precede an index jump"
             assert item.codes.shape[:2] == (h.streams, h.num_codebooks)
             expected = item.index + 1
-    # A hostile file must not be able to ask for unbounded silence.
-    assert silence <= 3 * container.max_samples(h.sample_rate), silence
+            span += max(item.num_frames * h.hop_length, h.segment_stride)
+    # A hostile file must not be able to ask for more silence than its size supports, in
+    # gaps or in padding to the length it states (SALVAGE_SILENCE_RATIO x what its bytes code).
+    limit = container.salvage_silence_limit(h, size)
+    assert silence <= limit, (silence, limit)
+    if reader.salvaged_samples is not None:
+        assert reader.salvaged_samples <= span + limit, (reader.salvaged_samples, span, limit)
     assert all(isinstance(d, str) and "\n" not in d for d in reader.damage)
 
 
@@ -87,7 +93,7 @@ def _check_reader(data: bytes) -> None:
     normal = _read(data, salvage=False)
     salvaged = _read(data, salvage=True)
     if salvaged is not None:
-        _check_salvage(*salvaged)
+        _check_salvage(*salvaged, len(data))
     if normal is not None:
         # Whatever the normal reader accepts, salvage reads identically and finds no damage.
         assert salvaged is not None, "salvage refused a file the normal reader accepts"

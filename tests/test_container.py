@@ -168,7 +168,7 @@ def headers(draw: st.DrawFn) -> EcdcHeader:
         segment_stride=stride,
         has_scale=draw(st.booleans()),
         num_samples=draw(st.none() | st.integers(0, 2**64 - 2)),
-        original_sample_rate=draw(st.integers(1, 1_000_000)),
+        original_sample_rate=draw(st.integers(1000, 1_000_000)),
         original_channels=orig,
     )
 
@@ -176,7 +176,9 @@ def headers(draw: st.DrawFn) -> EcdcHeader:
 @st.composite
 def files(draw: st.DrawFn) -> tuple[EcdcHeader, list[CodeChunk], int]:
     header = draw(headers())
-    frames = draw(st.lists(st.integers(1, 12), max_size=4))
+    # A segmented chunk is one segment: at most ceil(segment_length / hop) frames.
+    most = min(12, header.segment_frames) if header.segmented else 12
+    frames = draw(st.lists(st.integers(1, most), max_size=4))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     chunks = []
     for n in frames:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import signal
 import struct
 import zlib
@@ -37,6 +38,7 @@ from ecdc.container import (
     encode_chunk,
     encode_header,
     max_samples,
+    salvage_silence_limit,
     write_ecdc,
 )
 from ecdc.errors import EcdcError, FormatError
@@ -84,11 +86,12 @@ def read(data: bytes, salvage: bool) -> tuple[EcdcReader, list] | None:
         return None
 
 
-def check_salvage(reader: EcdcReader, items: list) -> None:
-    """Chunks and gaps tile the chunk indices in order; silence is bounded."""
+def check_salvage(reader: EcdcReader, items: list, size: int) -> None:
+    """Chunks and gaps tile the chunk indices in order; silence is bounded by the file's size."""
     h = reader.header
     expected = 0
     silence = 0
+    span = 0  # samples the intact chunks can account for
     for item in items:
         if isinstance(item, Gap):
             assert item.first_chunk == expected
@@ -100,7 +103,13 @@ def check_salvage(reader: EcdcReader, items: list) -> None:
             assert item.index == expected
             assert item.codes.shape[:2] == (h.streams, h.num_codebooks)
             expected += 1
-    assert silence <= 3 * max_samples(h.sample_rate)
+            span += max(item.num_frames * h.hop_length, h.segment_stride)
+    # A hostile file must not be able to ask for more silence than its size supports,
+    # in gaps or in padding to the length it states.
+    limit = salvage_silence_limit(h, size)
+    assert silence <= limit, (silence, limit)
+    if reader.salvaged_samples is not None:
+        assert reader.salvaged_samples <= span + limit, (reader.salvaged_samples, span, limit)
     assert all(isinstance(d, str) and d and "\n" not in d for d in reader.damage)
 
 
@@ -110,7 +119,7 @@ def check(data: bytes) -> tuple[tuple[EcdcReader, list] | None, tuple[EcdcReader
         normal = read(data, salvage=False)
         salvaged = read(data, salvage=True)
     if salvaged is not None:
-        check_salvage(*salvaged)
+        check_salvage(*salvaged, len(data))
     if normal is not None:
         assert salvaged is not None, "salvage refused a file the normal reader accepts"
         assert normal[1] == salvaged[1]
@@ -162,7 +171,8 @@ def v1_files(draw: st.DrawFn) -> tuple[bytes, list[CodeChunk]]:
         original_channels=orig,
     )
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-    frames = draw(st.lists(st.integers(1, 12), max_size=6))
+    # A segmented chunk is one segment: at most ceil(segment_length / hop) frames.
+    frames = draw(st.lists(st.integers(1, header.segment_frames if segmented else 12), max_size=6))
     chunks = [
         CodeChunk(rng.integers(0, 1 << bits, size=(header.streams, header.num_codebooks, n)),
                   float(np.float32(rng.uniform(0, 3))) if header.has_scale else None)
@@ -314,9 +324,12 @@ def test_salvage_finds_exactly_the_deleted_chunks(case: tuple[bytes, list[CodeCh
         return
     lost = sorted(data.draw(st.sets(st.integers(0, len(code_spans) - 1), max_size=len(code_spans))))
     kept = b"".join(raw[s:e] for i, (s, e) in enumerate(code_spans) if i not in lost)
-    result = check(raw[:head] + kept + raw[spans[-1][0]:])[1]
-    assert result is not None
-    reader, items = result
+    damaged = raw[:head] + kept + raw[spans[-1][0]:]
+    assert check(damaged)[1] is not None
+    # By default the silence is limited by the file's size, and most of these tiny files
+    # lost most of theirs; without the limit every lost index is accounted for.
+    reader = EcdcReader(io.BytesIO(damaged), salvage=True, max_silence=math.inf)
+    items = list(reader)
     got = [i for i in items if isinstance(i, CodeChunk)]
     assert got == [c for i, c in enumerate(chunks) if i not in lost]
     assert [g.index for g in got] == [i for i in range(len(chunks)) if i not in lost]

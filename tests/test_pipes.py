@@ -222,7 +222,9 @@ def test_raw_output(tmp_path, tiny_mono_ckpt, wav_file):
                                        "--checkpoint", str(tiny_mono_ckpt)])
     assert as_wav.exit_code == 0 and as_raw.exit_code == 0, (as_wav.stderr, as_raw.stderr)
     assert as_wav.stdout_bytes[:4] == b"RIFF" and as_raw.stdout_bytes[:4] != b"RIFF"
-    assert as_wav.stdout_bytes[44:] == as_raw.stdout_bytes  # s16le, interleaved, no header
+    # s16le, interleaved, no header. CliRunner's stdout can seek, so the WAV header also
+    # reserves a 36-byte JUNK chunk (room for RF64's ds64).
+    assert as_wav.stdout_bytes[12:16] == b"JUNK" and as_wav.stdout_bytes[80:] == as_raw.stdout_bytes
     frames = len(as_raw.stdout_bytes) // 4  # two channels of 16 bits
     assert frames == soundfile.info(str(wav_file)).frames
     # The default output name says what it is.
@@ -386,7 +388,10 @@ def test_writer_matches_libsndfile_and_patches_sizes_when_it_can():
     for start in range(0, signal.shape[1], 1000):
         writer.write(signal[:, start:start + 1000])
     writer.close()
-    assert seekable.getvalue() == reference.getvalue()
+    # libsndfile's file plus the JUNK chunk a seekable output reserves for RF64's ds64.
+    ref = reference.getvalue()
+    junk = b"JUNK" + struct.pack("<I", 28) + bytes(28)
+    assert seekable.getvalue() == b"RIFF" + struct.pack("<I", len(ref) + 36 - 8) + ref[8:12] + junk + ref[12:]
 
     class Pipe(io.BytesIO):
         def seekable(self) -> bool:
