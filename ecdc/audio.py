@@ -11,7 +11,10 @@ or :class:`~ecdc.errors.AudioError` says in one line what is wrong.  In particul
   before libsndfile sees it (whose own messages, e.g. "Format not recognised" for a
   directory, would mislead);
 * a named pipe (or other non-regular file, e.g. ``/dev/stdin``) is read to its end like
-  stdin, then decoded from memory: libsndfile must seek in most formats;
+  stdin, then decoded from memory: libsndfile must seek in most formats. Its first bytes
+  are sniffed, so what begins no audio format (``/dev/zero``, ``/dev/urandom``) is
+  refused at once, and more than :data:`MAX_BUFFERED_INPUT` of anything but WAV is
+  refused rather than buffered without end;
 * the format is detected from the content, so a wrong extension does not matter;
 * a WAV whose header promises more sample frames than the file holds (an interrupted
   copy or recording) is converted as far as it goes, as libsndfile and the CLI's
@@ -34,6 +37,7 @@ import io
 import os
 import stat
 import struct
+import sys
 import warnings
 from typing import BinaryIO, Optional, Tuple, Union
 
@@ -41,6 +45,7 @@ import numpy as np
 import soundfile
 import soxr
 
+from .container import MAX_ORIGINAL_CHANNELS
 from .errors import AudioError
 
 PathOrFile = Union[str, os.PathLike, BinaryIO]
@@ -54,6 +59,17 @@ MAX_SAMPLE_RATE = 1_000_000
 
 # How much of a WAV file's start is searched for its "data" chunk header.
 _WAV_HEAD = 1 << 16
+
+#: Most bytes of a pipe or device input held in memory to decode it when it cannot be
+#: streamed (not PCM WAV: libsndfile must seek in those formats). More is refused, so an
+#: endless input (``/dev/urandom``, a FIFO that never closes) cannot use up the memory.
+MAX_BUFFERED_INPUT = 256 << 20
+
+#: Bytes of a pipe or device input examined to tell whether it can be audio at all.
+SNIFF_BYTES = 12
+
+# libsndfile refuses paths this long ("Supplied filename too long"; its buffer is 1 KiB).
+_SF_MAX_PATH = 1000
 
 
 class TruncatedAudioWarning(UserWarning):
@@ -102,6 +118,74 @@ def check_input_path(path: Union[str, bytes, os.PathLike]) -> os.stat_result:
     if stat.S_ISSOCK(st.st_mode):
         raise AudioError("is a socket, not an audio file")
     return st
+
+
+def check_audio_head(head: bytes) -> None:
+    """Refuse input whose first 12 bytes begin no format libsndfile reads (zeros, random bytes).
+
+    libsndfile tells its formats apart by their first 12 bytes alone, so a pipe or device
+    that fails the same tests (``/dev/zero``, ``/dev/urandom``) is refused at once instead
+    of being buffered first. Shorter input is left to libsndfile (it is all there is).
+    """
+    if len(head) >= SNIFF_BYTES and not _could_be_audio(head):
+        raise AudioError("cannot read audio: Format not recognised (its first bytes begin no "
+                         "audio format ecdc reads)")
+
+
+def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: Optional[int] = MAX_BUFFERED_INPUT) -> io.BytesIO:
+    """All of a pipe or device (after ``head``, already read from it) in memory, for
+    libsndfile to seek in; its format is sniffed first (:func:`check_audio_head`).
+
+    More than ``limit`` bytes (None: no limit) is refused in one line saying what to do,
+    rather than read without end.
+    """
+    buf = io.BytesIO()
+    buf.write(head)
+    try:
+        if len(head) < SNIFF_BYTES:
+            buf.write(_read_upto(stream, SNIFF_BYTES - len(head)))
+        check_audio_head(buf.getvalue()[:SNIFF_BYTES])
+        while True:
+            piece = stream.read(1 << 20)
+            if not piece:
+                break
+            buf.write(piece)
+            if limit is not None and buf.tell() > limit:
+                raise AudioError(
+                    f"input from a pipe or device that is not PCM WAV is decoded in memory, and this one "
+                    f"is over the {limit >> 20} MiB limit: give it as a file, or convert it to WAV on the "
+                    f"way (e.g. ffmpeg -i INPUT -f wav -)")
+    except OSError as exc:
+        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+    buf.seek(0)
+    return buf
+
+
+def libsndfile_takes_name(path: Union[str, os.PathLike]) -> bool:
+    """Whether libsndfile can open ``path`` by name. It refuses names that are not valid in
+    the file system encoding (e.g. the byte 0xff in a UTF-8 locale) and paths of 1 KiB or
+    more, all of which the OS takes: open those with Python and hand over the file object.
+    (By name is preferred otherwise: given a file object, libsndfile looks for a Mac
+    resource fork, ``._``, in the current directory when it does not recognise the data.)
+    """
+    try:
+        return len(os.fspath(path).encode(sys.getfilesystemencoding())) < _SF_MAX_PATH
+    except (UnicodeError, TypeError):
+        return False
+
+
+def is_wav_head(head: bytes) -> bool:
+    """Whether ``head`` starts a RIFF, RIFX or RF64 WAVE file."""
+    return head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE"
+
+
+def check_channels(channels: int) -> int:
+    """Refuse more channels than a .ecdc header can record (its original channel count),
+    saying so about the audio, before any header is built; return the count as an int."""
+    if int(channels) > MAX_ORIGINAL_CHANNELS:
+        raise AudioError(f"the audio has {int(channels)} channels; ecdc supports at most "
+                         f"{MAX_ORIGINAL_CHANNELS}")
+    return int(channels)
 
 
 def check_sample_rate(rate: int) -> int:
@@ -214,7 +298,12 @@ def to_channels(wav: np.ndarray, channels: int) -> np.ndarray:
 
 
 class _open_input:
-    """Open a path for decoding: a regular file as is, a pipe or device read whole."""
+    """Open a path for decoding: a regular file as is, a pipe or device read whole.
+
+    A pipe or device is sniffed (:func:`check_audio_head`), and held to
+    :data:`MAX_BUFFERED_INPUT` unless it is a WAV (whose samples the caller asked for
+    in memory anyway).
+    """
 
     def __init__(self, path: Union[str, bytes, os.PathLike]) -> None:
         self._path = path
@@ -231,17 +320,58 @@ class _open_input:
             return f
         with f:
             try:
-                data = f.read()
+                head = _read_upto(f, 12)
             except OSError as exc:
                 raise AudioError(f"cannot read: {exc.strerror or exc}") from None
-        if not data:
-            raise AudioError("empty input (the pipe or device gave no data)")
-        self._file = io.BytesIO(data)
+            if not head:
+                raise AudioError("empty input (the pipe or device gave no data)")
+            self._file = buffer_stream(f, head, None if is_wav_head(head) else MAX_BUFFERED_INPUT)
         return self._file
 
     def __exit__(self, *exc: object) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _read_upto(stream: BinaryIO, n: int) -> bytes:
+    """``n`` bytes, fewer only at the end of the stream (a pipe may give less per read)."""
+    parts = []
+    got = 0
+    while got < n:
+        piece = stream.read(n - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+# Magic numbers from libsndfile's guess_file_type (sndfile.c): whole 4-byte words at the start...
+_MAGIC_WORDS = frozenset({b".snd", b"dns.", b"fap ", b" paf", b"NIST", b"riff", b"PVF1", b"OggS", b"fLaC",
+                          b"2BIT", b"LM89", b"53\x00\x00"})
+# ... the first 8 or 12 bytes ...
+_MAGIC_PREFIXES = (b"Creative", b"MATLAB 5", b"Extended Ins", b"ALawSoundFil", b"DiamondWare ",
+                   b"\x00\x00\x03\xe8\x00\x00\x00\x01\x00\x00\x00\x01",
+                   b"\x00\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00", b"ID3")
+# ... and the first word with the third (e.g. RIFF....WAVE).
+_MAGIC_PAIRS = frozenset({(b"RIFF", b"WAVE"), (b"RIFX", b"WAVE"), (b"RF64", b"WAVE"), (b"FORM", b"AIFF"),
+                          (b"FORM", b"AIFC"), (b"FORM", b"8SVX"), (b"FORM", b"16SV"), (b"caff", b"desc"),
+                          (b"CAT ", b"REX2")})
+
+
+def _could_be_audio(head: bytes) -> bool:
+    """Whether 12 bytes pass one of libsndfile's format tests (the rest of the file decides)."""
+    b = head[:12]
+    if b[:4] in _MAGIC_WORDS or b.startswith(_MAGIC_PREFIXES) or (b[:4], b[8:12]) in _MAGIC_PAIRS:
+        return True
+    return (
+        (b[0] == 0x64 and b[1] == 0xA3 and b[2] & 0xF8 == 0 and b[3] == 0)  # IRCAM
+        or (b[0] == 0 and b[1] & 0xF8 == 0 and b[2] == 0xA3 and b[3] == 0x64)  # IRCAM
+        or (b[0] == 0xF0 and b[1] == 0x7E and b[2] & 0x80 == 0 and b[3] == 0x01)  # SDS
+        or (b[0] == 0x01 and b[1] == 0x04)  # MPC 2000
+        or b[8:12] == b"\x00\x02\x00\x00"  # HTK (libsndfile checks its length too)
+        or (b[0] == 0xFF and b[1] & 0xE0 == 0xE0)  # an MPEG audio frame (MP3)
+    )
 
 
 def _decode(f: BinaryIO) -> Tuple[np.ndarray, int]:

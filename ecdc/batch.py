@@ -4,7 +4,8 @@ The command line is glue around this module. It decides where outputs go, stream
 conversion through :class:`~ecdc.codec.Codec` with every output written to a temporary
 file beside its target and renamed only when complete, and runs batches in worker
 processes (each loads the model once) with a progress bar and a summary. One bad file
-is reported and skipped; Ctrl-C or SIGTERM stops everything and leaves no partial files.
+is reported and skipped; Ctrl-C, SIGTERM, SIGHUP or SIGQUIT stops everything and leaves no
+partial files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import contextlib
 import multiprocessing
 import os
 import queue
+import re
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +24,8 @@ from pathlib import Path
 from typing import (Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, TextIO,
                     Tuple, Union)
 
-from .codec import Codec, ProgressFn, atomic_output, load_model, load_model_for
+from .codec import (Codec, EncodedAudio, ProgressFn, atomic_output, load_model, load_model_for,
+                    remove_temp_files)
 from .container import EcdcHeader, EcdcReader
 from .errors import ChecksumError, EcdcError, TruncatedError
 from .perf import available_cpus, configure_threads
@@ -38,8 +42,12 @@ AUDIO_EXTENSIONS = frozenset({
 })
 ECDC_EXTENSION = ".ecdc"
 
-#: Exit status after SIGINT/SIGTERM, as shells report for Ctrl-C.
+#: Exit status after SIGINT/SIGTERM/SIGHUP/SIGQUIT, as shells report for Ctrl-C.
 EXIT_INTERRUPTED = 130
+
+#: Signals that stop ecdc like Ctrl-C (SIGINT) does: cleanup runs, temp files go. SIGHUP
+#: (terminal closed) and SIGQUIT (Ctrl-\) would otherwise kill it with its temp files left.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
 
 
 # --------------------------------------------------------------------------- options
@@ -61,6 +69,8 @@ class DecompressOptions:
     channels: Optional[int] = None
     raw: bool = False  #: headerless s16le instead of WAV
     salvage: bool = False  #: decode the intact parts of a damaged file, silence for the rest
+    #: seconds of silence salvage may fill in, in all; None: in proportion to the file's size
+    max_silence: Optional[float] = None
 
     @property
     def suffix(self) -> str:
@@ -91,17 +101,18 @@ def output_suffix(kind: str, options: Options) -> str:
 
 
 def compress_one(codec: Codec, src: str, dst: str, options: CompressOptions,
-                 progress: Optional[ProgressFn] = None) -> float:
+                 progress: Optional[ProgressFn] = None, overwrite: bool = False) -> float:
     """Compress ``src`` (a path or ``-``) to ``dst`` (a path or ``-``); returns audio seconds.
 
-    The input is opened before the output, so an unreadable input creates nothing.
+    The input is opened before the output, so an unreadable input creates nothing. Without
+    ``overwrite`` (``-f``) an existing ``dst``, or one created meanwhile, is an error.
     """
     source = open_audio_stream(sys.stdin.buffer) if src == STDIO else open_audio_file(src)
     with source:
         if dst == STDIO:
             result = codec.compress_stream(source, sys.stdout.buffer, options.bandwidth, options.stereo, progress)
         else:
-            with atomic_output(dst) as out:
+            with atomic_output(dst, overwrite) as out:
                 result = codec.compress_stream(source, out, options.bandwidth, options.stereo, progress)
     return result.duration
 
@@ -111,15 +122,17 @@ WarnFn = Callable[[str], None]
 
 
 def decompress_one(src: str, dst: str, options: DecompressOptions, codec_for: Callable[[EcdcHeader], Codec],
-                   progress: Optional[ProgressFn] = None, warn: Optional[WarnFn] = None) -> float:
+                   progress: Optional[ProgressFn] = None, warn: Optional[WarnFn] = None,
+                   overwrite: bool = False) -> float:
     """Decompress ``src`` (a path or ``-``) to ``dst`` (a path or ``-``); returns audio seconds.
 
     ``codec_for`` picks the codec once the header is read. Samples are written as they
     are decoded (so ``-o -`` flows before the input ends). With ``options.salvage`` a
     damaged file is decoded around its damage and ``warn`` gets one line per problem.
+    ``overwrite`` as for :func:`compress_one`.
     """
     with _open_binary_input(src) as f:
-        reader = EcdcReader(f, salvage=options.salvage)
+        reader = EcdcReader(f, salvage=options.salvage, max_silence=options.max_silence)
         codec = codec_for(reader.header)
         codec.check_compatible(reader.header)  # before anything is written
         rate, channels = codec.output_format(reader.header, options.sample_rate, options.channels)
@@ -127,7 +140,7 @@ def decompress_one(src: str, dst: str, options: DecompressOptions, codec_for: Ca
             if dst == STDIO:
                 frames = _decode_into(codec, reader, sys.stdout.buffer, rate, channels, options, progress)
             else:
-                with atomic_output(dst) as out:
+                with atomic_output(dst, overwrite) as out:
                     frames = _decode_into(codec, reader, out, rate, channels, options, progress)
         except (ChecksumError, TruncatedError) as exc:
             # The header was intact, so salvage can recover the chunks that are.
@@ -158,6 +171,31 @@ def _open_binary_input(src: str) -> Iterator[BinaryIO]:
         return
     with open(src, "rb") as f:
         yield f
+
+
+def read_encoded(src: str) -> Tuple[EncodedAudio, int]:
+    """All of the .ecdc stream at ``src`` (a path or ``-``) and its size in bytes (``info``).
+
+    Parsed while it is read, never read whole first: what does not start like .ecdc
+    (``/dev/zero``) is refused after 5 bytes, and lengths are checked before their bytes are read.
+    """
+    with _open_binary_input(src) as f:
+        counted = _CountingReader(f)
+        encoded = EncodedAudio.read(counted)  # type: ignore[arg-type]
+    return encoded, counted.count
+
+
+class _CountingReader:
+    """A file object's ``read``, counting the bytes it gives (EcdcReader calls nothing else)."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.count += len(data)
+        return data
 
 
 class CodecCache:
@@ -201,11 +239,12 @@ class CodecCache:
 
 
 def convert_one(kind: str, codecs: CodecCache, src: str, dst: str, options: Options,
-                progress: Optional[ProgressFn] = None, warn: Optional[WarnFn] = None) -> float:
+                progress: Optional[ProgressFn] = None, warn: Optional[WarnFn] = None,
+                overwrite: bool = False) -> float:
     """One conversion of either kind; returns the seconds of audio converted."""
     if kind == COMPRESS:
-        return compress_one(codecs.default(), src, dst, options, progress)  # type: ignore[arg-type]
-    return decompress_one(src, dst, options, codecs.for_header, progress, warn)  # type: ignore[arg-type]
+        return compress_one(codecs.default(), src, dst, options, progress, overwrite)  # type: ignore[arg-type]
+    return decompress_one(src, dst, options, codecs.for_header, progress, warn, overwrite)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- planning a batch
@@ -218,6 +257,7 @@ class Job:
     src: str
     dst: str
     seconds: float = 0.0  #: estimated audio length, for the progress bar
+    overwrite: bool = False  #: ``-f``: replace ``dst`` even if it exists (or appears meanwhile)
 
 
 @dataclass
@@ -227,6 +267,8 @@ class Plan:
     jobs: List[Job] = field(default_factory=list)
     skipped: List[Job] = field(default_factory=list)
     errors: List[Tuple[str, str]] = field(default_factory=list)
+    #: (path, why) of files a tree walk left out (named pipes, devices, sockets)
+    warnings: List[Tuple[str, str]] = field(default_factory=list)
 
 
 def is_batch(inputs: Sequence[str], recursive: bool) -> bool:
@@ -271,13 +313,13 @@ def plan_batch(kind: str, inputs: Sequence[str], output_dir: Optional[str], recu
             if not recursive:
                 plan.errors.append((arg, "is a directory (use -r to convert the files in it)"))
                 continue
-            pairs = [(path, path.relative_to(arg)) for path in _walk(Path(arg), wanted)]
+            pairs = [(path, path.relative_to(arg)) for path in _walk(Path(arg), wanted, plan.warnings)]
         else:
             pairs = [(Path(arg), Path(Path(arg).name))]
         for path, rel in pairs:
             base = Path(output_dir) if output_dir is not None else path.parent
             dst = base / rel.with_suffix(suffix) if output_dir is not None else path.with_suffix(suffix)
-            job = Job(str(path), str(dst), _estimate_seconds(kind, str(path)))
+            job = Job(str(path), str(dst), _estimate_seconds(kind, str(path)), overwrite=force)
             problem = _output_problem(job, claimed, force)
             if problem == "exists":
                 plan.skipped.append(job)
@@ -289,13 +331,65 @@ def plan_batch(kind: str, inputs: Sequence[str], output_dir: Optional[str], recu
     return plan
 
 
-def _walk(root: Path, wanted: frozenset) -> Iterator[Path]:
-    """Files under ``root`` with a wanted extension, sorted; hidden files and folders skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in wanted:
-                yield Path(dirpath) / name
+def _walk(root: Path, wanted: frozenset, skipped: List[Tuple[str, str]]) -> Iterator[Path]:
+    """Files under ``root`` with a wanted extension, sorted; hidden files and folders skipped.
+
+    The order is ``os.walk``'s (a folder's files, then each subfolder's tree in turn), but
+    from a stack of folders, not recursion: a tree of any depth is walked. Symlinked folders
+    are not entered (as ``os.walk`` does not), so links cannot loop. A match that is not a
+    regular file (a FIFO, device or socket, or a link to one) would block the batch or
+    never end: it is left out, with its (path, why) appended to ``skipped``.
+    """
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # an unreadable folder, as os.walk skips it
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if _is_dir(entry):
+                if not entry.is_symlink():
+                    subfolders.append(folder / entry.name)
+            elif os.path.splitext(entry.name)[1].lower() in wanted:
+                path = folder / entry.name
+                why = _not_regular(path)
+                if why:
+                    skipped.append((str(path), why))
+                else:
+                    yield path
+        folders.extend(reversed(subfolders))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: Path) -> Optional[str]:
+    """Why a file found in a tree is left out, or None for a regular file (or one that cannot
+    be examined: its conversion reports why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = next((name for test, name in _SPECIAL_FILES if test(st.st_mode)), "a special file")
+    if os.path.islink(path):
+        kind = f"a link to {kind}"
+    hint = "; name it as an input to read from it" if stat.S_ISFIFO(st.st_mode) else ""
+    return f"skipped: {kind}, not a regular file{hint}"
 
 
 def _output_problem(job: Job, claimed: Dict[str, str], force: bool) -> Optional[str]:
@@ -318,9 +412,8 @@ def _estimate_seconds(kind: str, path: str) -> float:
         return 0.0  # stdin, or a named pipe that must not be read twice
     try:
         if kind == COMPRESS:
-            import soundfile
-
-            return float(soundfile.info(path).duration)
+            with open_audio_file(path) as source:  # opens names libsndfile cannot take, too
+                return (source.frames or 0) / source.sample_rate
         with open(path, "rb") as f:
             header = EcdcReader(f).header
         if header.num_samples is not None:
@@ -348,8 +441,8 @@ class Summary:
 
     def line(self) -> str:
         skipped = f"{self.skipped} skipped (output exists; -f overwrites)" if self.skipped else "0 skipped"
-        return (f"ecdc: {self.converted} converted, {skipped}, {self.failed} failed; "
-                f"{self.seconds:.1f} s of audio in {self.wall:.1f} s")
+        return printable(f"ecdc: {self.converted} converted, {skipped}, {self.failed} failed; "
+                         f"{self.seconds:.1f} s of audio in {self.wall:.1f} s")
 
 
 class _Progress:
@@ -382,9 +475,9 @@ class _Progress:
 
     def write(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.write(line, file=self.stream)
+            self.bar.write(printable(line), file=self.stream)
         else:
-            print(line, file=self.stream, flush=True)
+            emit(line, self.stream)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -400,14 +493,17 @@ def progress_enabled(quiet: bool, stream: TextIO) -> bool:
 
 
 def convert_single(kind: str, codecs: CodecCache, src: str, dst: str, options: Options,
-                   quiet: bool = False, stream: Optional[TextIO] = None) -> float:
-    """One conversion with a progress bar on a terminal; errors propagate to the caller."""
+                   quiet: bool = False, stream: Optional[TextIO] = None, overwrite: bool = False) -> float:
+    """One conversion with a progress bar on a terminal; errors propagate to the caller.
+
+    ``overwrite`` is ``-f``: without it the output must not exist when it is renamed into place.
+    """
     stream = stream or sys.stderr
     seconds = _estimate_seconds(kind, src) if src != STDIO else 0.0
     bar = _Progress(progress_enabled(quiet, stream), seconds, 1, stream)
     try:
         return convert_one(kind, codecs, src, dst, options, bar.advance,
-                           lambda line: bar.write(warning_line(src, line)))
+                           lambda line: bar.write(warning_line(src, line)), overwrite)
     finally:
         bar.close()
 
@@ -418,8 +514,8 @@ def run_batch(kind: str, plan: Plan, choice: ModelChoice, options: Options, work
     """Convert every job of ``plan``; one line per failure on ``stream``, and a summary back.
 
     ``workers`` > 1 runs that many processes, each loading the model once and using an
-    equal share of the CPU cores. KeyboardInterrupt (SIGINT, or SIGTERM under
-    :func:`interrupts_as_keyboard`) stops the workers, removes their partial outputs and
+    equal share of the CPU cores. KeyboardInterrupt (SIGINT, or SIGTERM/SIGHUP/SIGQUIT
+    under :func:`interrupts_as_keyboard`) stops the workers, removes their partial outputs and
     propagates.
     """
     stream = stream or sys.stderr
@@ -430,6 +526,8 @@ def run_batch(kind: str, plan: Plan, choice: ModelChoice, options: Options, work
     def report(src: str, message: str) -> None:
         bar.write(error_line(src, message))
 
+    for src, message in plan.warnings:
+        bar.write(warning_line(src, message))
     for src, message in plan.errors:
         report(src, message)
 
@@ -449,7 +547,8 @@ def run_batch(kind: str, plan: Plan, choice: ModelChoice, options: Options, work
                 _make_parent(job.dst)
                 try:
                     seconds = convert_one(kind, cache, job.src, job.dst, options, bar.advance,
-                                          lambda line, src=job.src: bar.write(warning_line(src, line)))
+                                          lambda line, src=job.src: bar.write(warning_line(src, line)),
+                                          job.overwrite)
                 except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
                     done(job, None, describe_error(exc))
                 else:
@@ -471,8 +570,48 @@ def warning_line(src: str, message: str) -> str:
 
 
 def _message_line(level: str, src: str, message: str) -> str:
+    """The one formatter of ``ecdc: LEVEL: FILE: message`` lines (cli.py's errors too)."""
     where = "<stdin>" if src == STDIO else src
-    return f"ecdc: {level}: {where}: {message}" if where else f"ecdc: {level}: {message}"
+    return printable(f"ecdc: {level}: {where}: {message}" if where else f"ecdc: {level}: {message}")
+
+
+#: C0 controls, DEL, C1 controls and the Unicode line/paragraph separators.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (a newline as the two characters
+    ``\\n``, ESC as ``\\x1b``, like ``ls -b``): a file name or an exception's text must
+    neither split a message line (faking another) nor drive the terminal. Idempotent."""
+    def escape(match: "re.Match[str]") -> str:
+        char = match.group()
+        if char in _NAMED_ESCAPES:
+            return _NAMED_ESCAPES[char]
+        return f"\\x{ord(char):02x}" if ord(char) <= 0xFF else f"\\u{ord(char):04x}"
+
+    return _CONTROLS.sub(escape, text)
+
+
+_lost_messages = False
+
+
+def emit(line: str, stream: Optional[TextIO]) -> None:
+    """Show one message line on ``stream`` (standard error, escaped by :func:`printable`).
+
+    ``None`` is a closed standard error (``2>&-``): the line is lost, and
+    :func:`messages_lost` says so, so that the exit status can (nothing unseen exits 0).
+    """
+    global _lost_messages
+    if stream is None:
+        _lost_messages = True
+        return
+    print(printable(line), file=stream, flush=True)
+
+
+def messages_lost() -> bool:
+    """Whether a message was dropped because standard error is closed."""
+    return _lost_messages
 
 
 def describe_error(exc: BaseException) -> str:
@@ -489,16 +628,29 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _make_parent(path: str) -> None:
+    """Create the folders above ``path``; a loop, as os.makedirs recurses once per level."""
+    missing = []
     parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
+    while parent and not os.path.isdir(parent):
+        missing.append(parent)
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not os.path.isdir(folder):  # another worker may have made it; a file may not
+                raise
 
 
 # --------------------------------------------------------------------------- worker processes
 
 
 class _Terminated(BaseException):
-    """Raised in a worker by SIGTERM: unwinds (removing temp files) without being caught as an error."""
+    """Raised in a worker by one of :data:`STOP_SIGNALS`: unwinds (removing temp files)
+    without being caught as an error."""
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -513,9 +665,12 @@ def cpu_count() -> int:
 def _worker(kind: str, choice: ModelChoice, options: Options, threads: int,
             tasks: "multiprocessing.Queue", results: "multiprocessing.Queue") -> None:
     """A worker process: loads the model once, converts jobs until told to stop."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in STOP_SIGNALS:  # the parent's SIGTERM, or SIGHUP/SIGQUIT sent to the whole group
+        signal.signal(signum, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
+        if hasattr(signal, "pthread_sigmask"):  # blocked when we were started: see _group_signals_blocked
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         configure_threads(threads)
         codecs = CodecCache(choice, kind=kind)
         while True:
@@ -536,7 +691,8 @@ def _worker(kind: str, choice: ModelChoice, options: Options, threads: int,
             try:
                 _make_parent(job.dst)
                 seconds = convert_one(kind, codecs, job.src, job.dst, options, progress,
-                                      lambda line, index=index: results.put(("warning", index, line)))
+                                      lambda line, index=index: results.put(("warning", index, line)),
+                                      job.overwrite)
             except Exception as exc:  # noqa: BLE001 - reported, the batch goes on
                 results.put(("progress", index, sent[1]))
                 results.put(("done", index, None, describe_error(exc)))
@@ -560,27 +716,55 @@ def _context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
+#: What a terminal sends to its whole process group besides SIGINT: hangup, Ctrl-\.
+_GROUP_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _group_signals_blocked() -> Iterator[None]:
+    """Block SIGHUP and SIGQUIT while multiprocessing starts its helper processes.
+
+    The forkserver and the resource tracker inherit the mask, so, like SIGINT (which they
+    ignore themselves), a hangup or Ctrl-\\ sent to the whole group does not kill them under
+    a parent still cleaning up (a killed tracker is restarted and prints tracebacks, and
+    keeps stderr open); they leave when the parent does. Workers unblock the signals. One
+    arriving meanwhile is delivered to the parent when this ends, not lost.
+    """
+    if not _GROUP_SIGNALS or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _run_pool(kind: str, jobs: List[Job], choice: ModelChoice, options: Options, workers: int,
               bar: _Progress, done: Callable[[Job, Optional[float], Optional[str]], None]) -> None:
     ctx = _context()
-    tasks = ctx.Queue()
-    results = ctx.Queue()
-    for index, job in enumerate(jobs):
-        tasks.put((index, job))
-    for _ in range(workers):
-        tasks.put(None)
     threads = max(1, cpu_count() // workers)
     procs = []
-    # Workers inherit an ignored SIGINT from the start, so Ctrl-C during their startup
-    # cannot print a traceback from them; the parent stops them with SIGTERM instead.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with _group_signals_blocked():  # the queues start the resource tracker, the first worker the forkserver
+        tasks = ctx.Queue()
+        results = ctx.Queue()
+        for index, job in enumerate(jobs):
+            tasks.put((index, job))
         for _ in range(workers):
-            p = ctx.Process(target=_worker, args=(kind, choice, options, threads, tasks, results), daemon=True)
-            p.start()
-            procs.append(p)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+            tasks.put(None)
+        # Workers inherit an ignored SIGINT from the start, so Ctrl-C during their startup
+        # cannot print a traceback from them; the parent stops them with SIGTERM instead.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for _ in range(workers):
+                p = ctx.Process(target=_worker, args=(kind, choice, options, threads, tasks, results), daemon=True)
+                p.start()
+                procs.append(p)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     running: Dict[int, int] = {}  # pid -> job index
     finished: Set[int] = set()
 
@@ -661,12 +845,10 @@ def _stop(procs: list) -> None:
 
 
 def _remove_temp_files(dst: str) -> None:
-    """Remove temp files :func:`atomic_output` may have left for ``dst`` (a killed worker)."""
-    target = Path(dst)
-    with contextlib.suppress(OSError):
-        for tmp in target.parent.glob(f".{target.name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    """Remove the temp file a killed worker left for ``dst``: exactly atomic_output's
+    ``.NAME.XXXXXXXX.tmp`` for this output (no glob: ``a*`` must not match ``abc``'s) and
+    only if no live process holds it, so another job's or another run's file is never taken."""
+    remove_temp_files(dst)
 
 
 # --------------------------------------------------------------------------- signals
@@ -674,16 +856,20 @@ def _remove_temp_files(dst: str) -> None:
 
 @contextlib.contextmanager
 def interrupts_as_keyboard() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C (KeyboardInterrupt), so cleanup runs and partial files go."""
+    """Treat :data:`STOP_SIGNALS` (SIGTERM, SIGHUP, SIGQUIT) like Ctrl-C (KeyboardInterrupt),
+    so cleanup runs and partial files go."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt()
 
+    previous: Dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -12,9 +12,10 @@ from typing import Callable, NoReturn, Optional, Sequence, Tuple
 import click
 
 from . import __version__, batch
-from .codec import STEREO_CHOICES, Codec, EncodedAudio, load_model
+from .codec import STEREO_CHOICES, Codec, load_model
 from .container import StereoMode
 from .errors import EcdcError
+from .models.encodec import format_kbps
 
 STDIO = "-"
 
@@ -39,7 +40,10 @@ def _report_errors(func: Callable) -> Callable:
         inputs = kwargs.get("inputs") or (kwargs.get("input_path"),)
         where = inputs[0] if len(inputs) == 1 and inputs[0] else ""
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            if batch.messages_lost():
+                sys.exit(1)  # something to report could not be shown (stderr closed)
+            return result
         except CliError as exc:
             _print_error(exc.where, str(exc))
         except EcdcError as exc:
@@ -53,7 +57,7 @@ def _report_errors(func: Callable) -> Callable:
         except OSError as exc:
             _print_error(getattr(exc, "filename", None) or where, exc.strerror or str(exc))
         except KeyboardInterrupt:
-            click.echo("ecdc: interrupted", err=True)
+            batch.emit("ecdc: interrupted", sys.stderr)
             sys.exit(batch.EXIT_INTERRUPTED)
         sys.exit(1)
 
@@ -70,12 +74,43 @@ def _silence_stdout() -> None:
 
 
 def _print_error(where: str, message: str) -> None:
-    prefix = f"{where}: " if where and where != STDIO else ("<stdin>: " if where == STDIO else "")
-    click.echo(f"ecdc: error: {prefix}{message}", err=True)
+    batch.emit(batch.error_line(where, message), sys.stderr)
+
+
+def _hold_closed_descriptors() -> None:
+    """Put /dev/null on standard descriptors closed at startup (``<&-``, ``>&-``, ``2>&-``).
+
+    Python leaves that ``sys`` stream None, which the commands check before using it
+    (:func:`_require_stream`). The placeholder stops the next file ecdc opens from
+    becoming descriptor 0, 1 or 2, where a library writing to "stderr" would hit it.
+    """
+    for fd, stream, flags in ((0, sys.stdin, os.O_RDONLY), (1, sys.stdout, os.O_WRONLY),
+                              (2, sys.stderr, os.O_WRONLY)):
+        if stream is not None:
+            continue
+        try:
+            os.fstat(fd)
+            continue  # open after all
+        except OSError:
+            pass
+        try:
+            held = os.open(os.devnull, flags)
+            if held != fd:
+                os.dup2(held, fd)
+                os.close(held)
+        except OSError:
+            pass
+
+
+def _require_stream(stream: object, name: str) -> None:
+    """Refuse a closed standard stream (Python has None for it) in one line, not a traceback."""
+    if stream is None:
+        _fail("", f"standard {name} is closed")
 
 
 def _check_output(input_path: str, output: str, force: bool) -> None:
     if output == STDIO:
+        _require_stream(sys.stdout, "output")
         if sys.stdout.isatty():
             _fail(output, "refusing to write binary data to a terminal; redirect it or pass -o FILE")
         return
@@ -89,6 +124,7 @@ def _check_output(input_path: str, output: str, force: bool) -> None:
 
 def _check_input(input_path: str) -> None:
     if input_path == STDIO:
+        _require_stream(sys.stdin, "input")
         return
     if not os.path.exists(input_path):
         _fail(input_path, "no such file")
@@ -98,20 +134,13 @@ def _check_input(input_path: str) -> None:
         _fail(input_path, "permission denied")
 
 
-def _read_input_bytes(input_path: str) -> bytes:
-    if input_path == STDIO:
-        return sys.stdin.buffer.read()
-    with open(input_path, "rb") as f:
-        return f.read()
-
-
 def _load(model: Optional[str], checkpoint: Optional[str], device: str) -> Codec:
     return load_model(model, device=device, checkpoint=checkpoint, progress=_download_progress())
 
 
 def _download_progress() -> Optional[Callable[[int, Optional[int]], None]]:
     """A tqdm bar for first-use weight downloads, shown only on a terminal."""
-    if not sys.stderr.isatty():
+    if not batch.progress_enabled(False, sys.stderr):  # also when stderr is closed
         return None
     bar = None
 
@@ -148,6 +177,7 @@ def main() -> None:
       ecdc decompress speech.ecdc          # writes speech.wav
       ecdc info speech.ecdc
     """
+    _hold_closed_descriptors()
 
 
 recursive_option = click.option("-r", "--recursive", is_flag=True,
@@ -194,7 +224,7 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
     cache = batch.CodecCache(choice, preloaded=codec, kind=batch.COMPRESS)
     if single:
         with batch.interrupts_as_keyboard():
-            batch.convert_single(batch.COMPRESS, cache, src, dst, options, quiet)
+            batch.convert_single(batch.COMPRESS, cache, src, dst, options, quiet, overwrite=force)
         return
     _run_batch(batch.COMPRESS, inputs, output, recursive, force, options, choice, jobs, quiet, cache)
 
@@ -212,6 +242,10 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
 @click.option("--salvage", is_flag=True,
               help="Decode the intact chunks of a damaged file, with silence for what was lost "
                    "(reported as warnings) instead of refusing it.")
+@click.option("--max-silence", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="With --salvage: the most silence to put in place of lost audio, in all "
+                   "(default: in proportion to the file's size, so that a small file cannot "
+                   "ask for hours of it; inf: as much as the damaged file proves).")
 @model_option
 @checkpoint_option
 @device_option
@@ -221,10 +255,11 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
 @quiet_option
 @_report_errors
 def decompress(inputs: Tuple[str, ...], output: Optional[str], sample_rate: Optional[int], channels: Optional[int],
-               raw: bool, salvage: bool, model: Optional[str], checkpoint: Optional[str], device: str,
-               force: bool, recursive: bool, jobs: int, quiet: bool) -> None:
+               raw: bool, salvage: bool, max_silence: Optional[float], model: Optional[str],
+               checkpoint: Optional[str], device: str, force: bool, recursive: bool, jobs: int,
+               quiet: bool) -> None:
     """Decompress .ecdc files (ecdc's or Meta's; - for stdin) or directories (-r) to 16-bit wav."""
-    options = batch.DecompressOptions(sample_rate, channels, raw, salvage)
+    options = batch.DecompressOptions(sample_rate, channels, raw, salvage, max_silence)
     choice = batch.ModelChoice(model, checkpoint, device)
     cache = batch.CodecCache(choice, progress=_download_progress(), kind=batch.DECOMPRESS)
     if not batch.is_batch(inputs, recursive):
@@ -233,7 +268,7 @@ def decompress(inputs: Tuple[str, ...], output: Optional[str], sample_rate: Opti
         _check_input(src)
         _check_output(src, dst, force)
         with batch.interrupts_as_keyboard():
-            batch.convert_single(batch.DECOMPRESS, cache, src, dst, options, quiet)
+            batch.convert_single(batch.DECOMPRESS, cache, src, dst, options, quiet, overwrite=force)
         return
     if choice.named:
         cache.default()  # load (and download) once, and fail early on a bad --model
@@ -249,8 +284,8 @@ def _run_batch(kind: str, inputs: Sequence[str], output: Optional[str], recursiv
     with batch.interrupts_as_keyboard():
         summary = batch.run_batch(kind, plan, choice, options, jobs, quiet, codecs=cache)
     if not quiet:
-        click.echo(summary.line(), err=True)
-    sys.exit(1 if summary.failed else 0)
+        batch.emit(summary.line(), sys.stderr)
+    sys.exit(1 if summary.failed or batch.messages_lost() else 0)
 
 
 @main.command()
@@ -259,8 +294,8 @@ def _run_batch(kind: str, inputs: Sequence[str], output: Optional[str], recursiv
 def info(input_path: str) -> None:
     """Show what a .ecdc file holds (reads and checks the whole file)."""
     _check_input(input_path)
-    data = _read_input_bytes(input_path)
-    encoded = EncodedAudio.from_bytes(data)
+    _require_stream(sys.stdout, "output")
+    encoded, size = batch.read_encoded(input_path)
     h = encoded.header
     duration = encoded.num_samples / h.sample_rate
     streams = 2 if h.stereo_mode == StereoMode.DUAL else 1
@@ -268,14 +303,14 @@ def info(input_path: str) -> None:
         ("format version", str(h.version)),
         ("model", h.model_name),
         ("weights", h.weights_fingerprint.hex() if any(h.weights_fingerprint) else "unknown"),
-        ("bandwidth", f"{h.bandwidth:g} kbps ({h.num_codebooks} codebooks x {h.bits_per_code} bits"
+        ("bandwidth", f"{format_kbps(h.bandwidth)} kbps ({h.num_codebooks} codebooks x {h.bits_per_code} bits"
                       f" x {h.sample_rate / h.hop_length:g} Hz" + (" x 2 channels)" if streams == 2 else ")")),
         ("duration", f"{duration:.3f} s ({encoded.num_samples} samples)"),
         ("sample rate", f"{h.sample_rate} Hz (original {h.original_sample_rate} Hz)"),
         ("channels", f"{h.channels} coded, {h.stereo_mode.name.lower()} (original {h.original_channels})"),
         ("chunks", str(len(encoded.chunks))),
-        ("size", f"{len(data)} bytes"),
-        ("bitrate", f"{len(data) * 8 / duration / 1000:.2f} kbps overall" if duration > 0 else "n/a"),
+        ("size", f"{size} bytes"),
+        ("bitrate", f"{size * 8 / duration / 1000:.2f} kbps overall" if duration > 0 else "n/a"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -313,13 +348,16 @@ def train(config_path: Optional[str], run_dir: str, overrides: tuple, resume: bo
 
 
 @main.command()
+@_report_errors
 def models() -> None:
     """List the models ecdc knows by name: the default first, then its releases, then the rest."""
     from .weights import aliases, available_models, default_model, release_history
 
+    _require_stream(sys.stdout, "output")
+
     def line(name: str, spec, extra: str = "") -> str:
         cfg = spec.config
-        bws = "/".join(f"{b:g}" for b in cfg.bandwidths)
+        bws = "/".join(format_kbps(b) for b in cfg.bandwidths)
         return f"{name}{extra}: {cfg.sample_rate} Hz, {cfg.channels} ch, {bws} kbps. {spec.description}".rstrip()
 
     specs = available_models()

@@ -8,12 +8,17 @@ the header what is needed to give the user back what went in.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
+import functools
 import io
 import itertools
 import os
-import tempfile
+import secrets
+import stat
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -33,6 +38,13 @@ from .weights import load_weights
 
 STEREO_CHOICES = ("downmix", "dual")
 _SILENCE_BLOCK = 1 << 16  # samples of silence per block for a salvaged gap (a gap may be days long)
+# Most samples x channels in one block of decoded audio, before and after resampling and
+# channel conversion: a header may ask for 1024 channels at 1 MHz (41.7 times the model's
+# rate), so blocks are sized from the output format, not the input (4 MiB of float32).
+_BLOCK_ELEMENTS = 1 << 20
+# An unsegmented chunk is pushed to the decoder this many frames at a time: a CRC-valid
+# 16 MiB chunk can hold millions of frames, which decoded at once would be gigabytes.
+_PUSH_FRAMES = 1024
 UNKNOWN_FINGERPRINT = bytes(16)
 
 
@@ -183,8 +195,7 @@ class Codec:
         """The one encoding pipeline: yields the header, then code chunks, then the totals."""
         num_codebooks = self.model.num_codebooks(bandwidth)
         in_rate = int(source.sample_rate)
-        if in_rate <= 0:
-            raise AudioError(f"invalid sample rate {in_rate}")
+        audio.check_sample_rate(in_rate)  # the header can hold no other original rate
         mode, coded_channels = self._layout(source.channels, stereo)
         yield EcdcHeader(
             model_name=self.name,
@@ -290,12 +301,14 @@ class Codec:
             def lengths() -> Tuple[Optional[int], Optional[int]]:
                 return encoded.num_samples, encoded.original_samples
         salvaging = isinstance(encoded, EcdcReader) and encoded.salvage
-        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress, salvaging)
+        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress,
+                                   encoded if salvaging else None)
 
     def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[Union[CodeChunk, Gap]],
                        lengths: Callable[[], Tuple[Optional[int], Optional[int]]],
                        sample_rate: Optional[int], channels: Optional[int],
-                       progress: Optional[ProgressFn], salvaging: bool = False) -> Iterator[np.ndarray]:
+                       progress: Optional[ProgressFn],
+                       salvage: Optional[EcdcReader] = None) -> Iterator[np.ndarray]:
         self.check_compatible(header)
         out_rate, out_channels = self.output_format(header, sample_rate, channels)
         coded_channels = header.channels * header.streams
@@ -308,12 +321,37 @@ class Codec:
         decoder = None
         held = np.zeros((coded_channels, 0), dtype=np.float32)  # model-rate audio not yet final
         released = 0  # model-rate samples passed on
+        # Memory stays flat whatever the output format: at most _BLOCK_ELEMENTS samples x
+        # channels reach the resampler's output and each channel conversion.
+        out_block = max(1, _BLOCK_ELEMENTS // max(coded_channels, out_channels))
+        in_block = max(1, _BLOCK_ELEMENTS // (coded_channels * -(-out_rate // header.sample_rate)))
+
+        def out_blocks(wav: np.ndarray) -> Iterator[np.ndarray]:
+            for start in range(0, wav.shape[-1], out_block):
+                yield audio.to_channels(wav[:, start:start + out_block], out_channels)
 
         def stage(wav: np.ndarray, last: bool) -> Iterator[np.ndarray]:
-            if resampler is not None and (wav.shape[-1] or last):
-                wav = _resample_chunk(resampler, wav, last)
-            for piece in fitter.push(wav):
-                yield audio.to_channels(piece, out_channels)
+            if resampler is None:
+                for piece in fitter.push(wav):
+                    yield from out_blocks(piece)
+                return
+            starts = range(0, wav.shape[-1], in_block) or range(1)
+            for start in starts:
+                final = last and start == starts[-1]
+                piece = wav[:, start:start + in_block]
+                if piece.shape[-1] or final:
+                    for fitted in fitter.push(_resample_chunk(resampler, piece, final)):
+                        yield from out_blocks(fitted)
+
+        def decoded(out: torch.Tensor, where: Union[CodeChunk, str]) -> np.ndarray:
+            """The decoder's output as numpy, refused if not finite (a hostile scale)."""
+            wav = _flat(out)
+            if not np.isfinite(wav).all():
+                what = where if isinstance(where, str) else (
+                    f"code chunk {where.index}" if where.index is not None else "a code chunk")
+                raise FormatError(f"corrupt .ecdc stream: {what} decodes to audio that is not finite "
+                                  f"(scale {getattr(where, 'scale', None)!r})")
+            return wav
 
         seconds_per_chunk = (header.segment_stride / header.sample_rate) if header.segmented else None
         for chunk in chunks:
@@ -322,7 +360,8 @@ class Codec:
                 # starts (a segmented model's last segment overlaps into it), then silence.
                 if decoder is not None:
                     with torch.inference_mode():
-                        held = np.concatenate([held, _flat(decoder.flush())], axis=1)
+                        held = np.concatenate([held, decoded(decoder.flush(), "the chunk before a gap")],
+                                              axis=1)
                     decoder = None
                 held = held[:, :max(0, chunk.start_sample - released)]
                 silence = chunk.start_sample + chunk.num_samples - released - held.shape[1]
@@ -335,35 +374,46 @@ class Codec:
                 continue
             if decoder is None:
                 decoder = StreamingDecoder(self.model)
-            with torch.inference_mode():
-                out = decoder.push(self._segment(chunk.codes, chunk.scale))
-            held = np.concatenate([held, _flat(out)], axis=1)
-            ready = held.shape[1] - hop  # the last hop may lie past the end
-            if ready > 0:
-                yield from stage(held[:, :ready], last=False)
-                released += ready
-                held = held[:, ready:]
+            # A segment is decoded whole (the reader bounds it to one segment's frames); a
+            # run of frames goes in bounded pieces, which the streaming decoder turns into
+            # the same audio.
+            n_frames = chunk.codes.shape[-1]
+            step = n_frames if header.segmented else _PUSH_FRAMES
+            for first in range(0, n_frames, step):
+                with torch.inference_mode():
+                    out = decoder.push(self._segment(chunk.codes[..., first:first + step], chunk.scale))
+                held = np.concatenate([held, decoded(out, chunk)], axis=1)
+                ready = held.shape[1] - hop  # the last hop may lie past the end
+                if ready > 0:
+                    yield from stage(held[:, :ready], last=False)
+                    released += ready
+                    held = held[:, ready:]
             if progress is not None:
                 progress(seconds_per_chunk or chunk.codes.shape[-1] * hop / header.sample_rate)
         total, original = lengths()
         if decoder is not None:
             with torch.inference_mode():
-                held = np.concatenate([held, _flat(decoder.flush())], axis=1)
+                held = np.concatenate([held, decoded(decoder.flush(), "the last code chunk")], axis=1)
         available = released + held.shape[1]
-        if salvaging:
-            # A damaged file: trust the length it still states, else what was recovered.
-            if total is None:
-                total = header.num_samples if header.num_samples is not None else available
-            total = max(total, released)
+        if salvage is not None:
+            # A damaged file: the length its evidence supports, else what was recovered
+            # (trimmed to the length it states, never padded to it: an 81-byte file can
+            # state a week).
+            length = salvage.salvaged_samples
+            if length is None:
+                stated = total if total is not None else header.num_samples
+                length = available if stated is None else min(stated, available)
+                original = None
+            total = max(length, released)
             held = held[:, :total - released]
             if original is not None and header.original_sample_rate:
                 fitter.target = round(original * out_rate / header.original_sample_rate)
-            missing = total - released - held.shape[1]  # stated but not recovered: silence
+            missing = total - released - held.shape[1]  # proven but not recovered: silence
             for piece in itertools.chain([held], _silence(coded_channels, missing)):
                 yield from stage(piece, last=False)
             yield from stage(held[:, :0], last=True)
             for piece in fitter.finish():
-                yield audio.to_channels(piece, out_channels)
+                yield from out_blocks(piece)
             return
         if total is None:  # pragma: no cover - the reader raises before this
             raise FormatError(".ecdc stream ended without an end marker")
@@ -378,7 +428,7 @@ class Codec:
             fitter.target = round(original * out_rate / header.original_sample_rate)
         yield from stage(held[:, :total - released], last=True)
         for piece in fitter.finish():
-            yield audio.to_channels(piece, out_channels)
+            yield from out_blocks(piece)
 
     # -- bytes ------------------------------------------------------------------------
 
@@ -425,6 +475,7 @@ class Codec:
             raise ModelError(f"unknown stereo mode {stereo!r} (use {' or '.join(STEREO_CHOICES)})")
         if channels < 1:
             raise AudioError(f"invalid channel count {channels}")
+        audio.check_channels(channels)  # any source, before the header that records it
         if self.channels > 1:
             if stereo == "dual":
                 raise ModelError(f"--stereo dual is for mono models; {self.name!r} codes "
@@ -515,13 +566,19 @@ class _LengthFitter:
         self._held = held
 
     def finish(self) -> Iterator[np.ndarray]:
+        """The held tail, trimmed to ``target``, then any padding in bounded blocks."""
         held = self._held
         self._held = np.zeros((self.channels, 0), dtype=np.float32)
+        pad = 0
         if self.target is not None:
-            held = audio.fit_length(held, max(0, self.target - self._emitted))
+            want = max(0, self.target - self._emitted)
+            held, pad = held[:, :want], max(0, want - held.shape[1])
         if held.shape[1]:
             self._emitted += held.shape[1]
             yield held
+        for block in _silence(self.channels, pad):
+            self._emitted += block.shape[1]
+            yield block
 
 
 def _write_stream(events: Iterator[Union[EcdcHeader, CodeChunk, _Totals]], out: BinaryIO,
@@ -625,58 +682,276 @@ def decompress(data: bytes, model: Union[None, str, Codec] = None,
 _WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "a file-size limit or the file system's maximum",
                  errno.EDQUOT: "disk quota exceeded"}
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: temp files are told apart by age alone
+    fcntl = None  # type: ignore[assignment]
+
+#: When this run started: a temp file of ours older than this was left by a killed run.
+_RUN_START = time.time()
+_TEMP_SUFFIX = ".tmp"
+#: The characters of the 8-character middle of ``.NAME.XXXXXXXX.tmp`` (ours are hex; older
+#: ecdc versions used tempfile.mkstemp, whose names use all of these).
+_TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
 
 @contextlib.contextmanager
-def atomic_output(path: Union[str, Path]) -> Iterator[BinaryIO]:
-    """Write to a temporary file beside ``path`` and rename it into place only on success.
+def atomic_output(path: Union[str, Path], overwrite: bool = True) -> Iterator[BinaryIO]:
+    """Write an output so that a failure never leaves a half-written file behind.
 
-    A failure (disk full, Ctrl-C, a corrupt input discovered half way) leaves no partial
-    output behind and never touches an existing file at ``path``.
+    This is the one place ecdc writes output files; what it does depends on what ``path``
+    is (docs/ROBUSTNESS.md, "Output safety"):
+
+    * nothing, or a regular file: the data goes to a new ``.NAME.XXXXXXXX.tmp`` beside it,
+      which is renamed over ``path`` only when complete. A failure (disk full, a signal, a
+      corrupt input found half way) removes the temp file and leaves an existing file as it
+      was. Without ``overwrite`` an existing file is refused, and the rename itself fails if
+      a file appeared at ``path`` while writing (so of two concurrent writers one fails
+      instead of one output being silently lost).
+    * a character or block device, a FIFO or a socket: written directly, as ``cat > path``
+      would; a special file is never replaced by a regular one (``-o /dev/null -f``).
+    * a symlink: followed, and its final target gets these rules: a regular file is replaced
+      at the target's path (the link stays), a device or FIFO is written directly. A
+      dangling link is refused: ecdc does not create files where a link points.
+    * a directory: refused.
+
+    A new file gets mode ``0o666 & ~umask`` (and the directory's default ACL), as a plain
+    ``open()`` gives, also when it replaces a file with other permissions. Temp files of the
+    same pattern for the same output that a killed run left (older than this run, held by
+    no live writer) are removed first.
     """
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise OutputError(f"cannot create {target}: {exc.strerror or exc}") from None
+    shown = Path(path)
+    kind, final = _output_target(shown, overwrite)
+    if kind == "special":
+        with _direct_output(shown) as handle:
+            yield handle
+        return
+    remove_temp_files(final, older_than=_RUN_START)
+    fd, tmp = _create_temp(final, shown)
     try:
         with os.fdopen(fd, "wb") as handle:
+            _try_lock(fd)  # held until the rename: cleanup never takes a live writer's file
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+            os.fsync(fd)
+            _commit(tmp, final, shown, overwrite)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write {target}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]}); "
+            raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]}); "
                               f"nothing was written") from None
         raise
 
 
+def _output_target(shown: Path, overwrite: bool) -> Tuple[str, Path]:
+    """``("special", path)`` to write directly, or ``("file", path)`` of the regular file to
+    create or replace (a symlink's target); refusals as :class:`OutputError`."""
+    try:
+        info = os.stat(shown)  # follows symlinks
+    except FileNotFoundError:
+        if os.path.islink(shown):
+            raise OutputError(f"cannot write {shown}: it is a symlink to {_link_text(shown)}, which does not "
+                              f"exist (ecdc writes through links only to existing files)") from None
+        return "file", shown
+    except OSError as exc:
+        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise OutputError(f"cannot write {shown}: it is a directory")
+    if not overwrite:
+        raise OutputError(f"{shown} exists; use -f to overwrite")
+    if not stat.S_ISREG(info.st_mode):
+        return "special", shown
+    if not os.path.islink(shown):
+        return "file", shown
+    final = Path(os.path.realpath(shown))
+    try:
+        same = os.path.samestat(info, os.stat(final))
+    except OSError:
+        same = False
+    if not same:  # e.g. /proc/self/fd/N of a deleted file: no path to put a new file at
+        raise OutputError(f"cannot write {shown}: its symlink does not lead to a path where a file can be replaced")
+    return "file", final
+
+
+def _link_text(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "a missing file"
+
+
+def _create_temp(final: Path, shown: Path) -> Tuple[int, Path]:
+    """A new ``.NAME.XXXXXXXX.tmp`` beside ``final``, created with mode 0o666 so that the
+    kernel applies the umask (and default ACLs) as for a plain open(); mkstemp's 0600
+    would stay on the output."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot create {shown}: {exc.strerror or exc}") from None
+    raise OutputError(f"cannot create {shown}: no unused temporary name beside it")
+
+
+@contextlib.contextmanager
+def _direct_output(shown: Path) -> Iterator[BinaryIO]:
+    """Write straight into a device, FIFO or socket (opening a FIFO waits for a reader)."""
+    try:
+        fd = os.open(shown, os.O_WRONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))  # no O_CREAT
+    except OSError as exc:
+        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)  # replaced by a file since it was looked at: writing in place would not be atomic
+        raise OutputError(f"cannot write {shown}: it was replaced while ecdc opened it")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]})") from None
+        raise
+
+
+def _commit(tmp: Path, final: Path, shown: Path, overwrite: bool) -> None:
+    """Rename the finished temp file into place; without ``overwrite`` never over a file."""
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        _rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise OutputError(f"{shown} exists (created while ecdc was writing); use -f to overwrite") from None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename that fails with FileExistsError when ``dst`` exists, atomically: Linux's
+    renameat2(RENAME_NOREPLACE), else link(2) (which never replaces) and unlink."""
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # else: not on this file system
+            raise OSError(err, os.strerror(err), str(dst))
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        if os.path.lexists(dst):  # no hard links here (FAT, some network file systems): not atomic
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2() -> Optional[Callable[..., int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (old glibc, some musl)
+        return None
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if another process holds one
+    (or the file system cannot tell: then the file is treated as held)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _is_temp_name(name: str, target_name: str) -> bool:
+    """Whether ``name`` is exactly ``.TARGET.XXXXXXXX.tmp``; compared as strings, because
+    output names may hold glob characters (``a*.ecdc``, ``[x].ecdc``)."""
+    prefix = f".{target_name}."
+    if len(name) != len(prefix) + 8 + len(_TEMP_SUFFIX):
+        return False
+    middle = name[len(prefix):-len(_TEMP_SUFFIX)]
+    return name.startswith(prefix) and name.endswith(_TEMP_SUFFIX) and all(c in _TEMP_CHARS for c in middle)
+
+
+def remove_temp_files(path: Union[str, Path], older_than: Optional[float] = None) -> List[str]:
+    """Remove the temp files :func:`atomic_output` left for ``path`` (a killed process's).
+
+    Only files named exactly ``.NAME.XXXXXXXX.tmp`` for this output are candidates, and of
+    them only those no live process is writing (each writer holds an exclusive flock on its
+    temp file until the rename) and, with ``older_than``, not modified since that time.
+    Nothing else in the folder is ever touched. Returns the paths removed.
+    """
+    target = Path(path)
+    if os.path.islink(target):
+        target = Path(os.path.realpath(target))  # where atomic_output puts a link's temp file
+    directory = target.parent
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed: List[str] = []
+    for name in names:
+        if not _is_temp_name(name, target.name):
+            continue
+        tmp = directory / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or (older_than is not None and info.st_mtime >= older_than):
+                continue
+            if not _try_lock(fd) or not os.path.samestat(info, os.lstat(tmp)):
+                continue
+            os.unlink(tmp)
+            removed.append(str(tmp))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 def compress_file(src: Union[str, Path], dst: Union[str, Path], model: Union[None, str, Codec] = None,
-                  bandwidth: float = 6.0, stereo: Optional[str] = None) -> EncodedAudio:
-    """Compress an audio file to a .ecdc file (streamed, written atomically).
+                  bandwidth: float = 6.0, stereo: Optional[str] = None, overwrite: bool = True) -> EncodedAudio:
+    """Compress an audio file to a .ecdc file (streamed, written by :func:`atomic_output`).
 
     Returns what was written; its chunks are kept in memory for the caller (codes are
-    about 0.1 % of the PCM size), the audio never is.
+    about 0.1 % of the PCM size), the audio never is. ``overwrite=False`` refuses an
+    existing ``dst`` (also one created while writing) with :class:`OutputError`.
     """
     codec = model if isinstance(model, Codec) else load_model(model)
     chunks: List[CodeChunk] = []
-    with open_audio_file(str(src)) as source, atomic_output(dst) as out:
+    with open_audio_file(str(src)) as source, atomic_output(dst, overwrite) as out:
         result = _write_stream(codec._encode_events(source, bandwidth, stereo), out, keep=chunks)
     return EncodedAudio(result.header, chunks, result.num_samples, result.original_samples)
 
 
 def decompress_file(src: Union[str, Path], dst: Union[str, Path], model: Union[None, str, Codec] = None,
-                    sample_rate: Optional[int] = None, channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
-    """Decompress a .ecdc file to a 16-bit wav (streamed, written atomically); returns the audio too."""
+                    sample_rate: Optional[int] = None, channels: Optional[int] = None,
+                    overwrite: bool = True) -> Tuple[np.ndarray, int]:
+    """Decompress a .ecdc file to a 16-bit wav (streamed, written by :func:`atomic_output`);
+    returns the audio too. ``overwrite`` as for :func:`compress_file`."""
     with open(src, "rb") as f:
         reader = EcdcReader(f)
         codec = model if isinstance(model, Codec) else load_model_for(reader.header, model)
         rate, chans = codec.output_format(reader.header, sample_rate, channels)
         blocks: List[np.ndarray] = []
-        with atomic_output(dst) as out:
+        with atomic_output(dst, overwrite) as out:
             sink = WavStreamWriter(out, rate, chans)
             for block in codec.decode_blocks(reader, sample_rate, channels):
                 sink.write(block)

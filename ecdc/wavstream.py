@@ -10,7 +10,7 @@ libsndfile needs to seek in those formats.
 
 Decompression writes through :class:`WavStreamWriter`: 16-bit WAV (or raw s16le) whose
 header goes out first with the sizes marked unknown, so a reader downstream can start at
-once; on a seekable output the sizes are patched in at the end.
+once; on a seekable output the sizes are patched in at the end (as RF64 past 4 GiB).
 
 Audio is ``[channels, samples]`` float32 throughout, as in :mod:`ecdc.audio`. Integer
 samples are converted exactly as libsndfile converts them, so a WAV streamed through a
@@ -19,7 +19,6 @@ pipe gives the same codes as the same file read from disk.
 
 from __future__ import annotations
 
-import io
 import stat
 import struct
 from typing import BinaryIO, Iterator, List, Optional, Tuple
@@ -44,6 +43,13 @@ __all__ = [
 BLOCK_FRAMES = 65536
 
 _UNKNOWN_32 = 0xFFFFFFFF
+#: Largest RIFF size (file size - 8) a WavStreamWriter writes as plain RIFF; a larger
+#: file is rewritten as RF64 at close. A module constant so tests need not write 4 GiB.
+RF64_THRESHOLD = _UNKNOWN_32
+# The ds64 chunk without a table (riff size, data size, sample count: u64; table
+# length: u32) and where it goes: right after RIFF/WAVE, in the JUNK reserved for it.
+_DS64_SIZE = 28
+_DS64_OFFSET = 12
 _TAG_PCM = 0x0001
 _TAG_FLOAT = 0x0003
 _TAG_EXTENSIBLE = 0xFFFE
@@ -110,7 +116,8 @@ class SoundFileSource(AudioSource):
         try:
             self._sf = soundfile.SoundFile(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-            raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
+            # libsndfile's reason, without a preamble naming the file object.
+            raise AudioError(f"cannot read audio: {audio._soundfile_reason(exc)}") from None
         except OSError as exc:
             raise audio.input_error(exc) from None
         try:
@@ -125,10 +132,14 @@ class SoundFileSource(AudioSource):
         self._block = max(1, int(block_frames))
 
     def blocks(self) -> Iterator[np.ndarray]:
+        # read() in a loop rather than SoundFile.blocks(): blocks() refuses files libsndfile
+        # cannot seek in (e.g. G.721 ADPCM in a WAV) with a ValueError, read() does not.
         try:
-            for block in self._sf.blocks(self._block, dtype="float32", always_2d=True):
-                if block.shape[0]:
-                    yield np.ascontiguousarray(block.T)
+            while True:
+                block = self._sf.read(self._block, dtype="float32", always_2d=True)
+                if not block.shape[0]:
+                    return
+                yield np.ascontiguousarray(block.T)
         except (soundfile.LibsndfileError, RuntimeError) as exc:
             raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
 
@@ -271,7 +282,7 @@ class WavStreamReader(AudioSource):
             raise _UnsupportedWav(f"WAV stream block alignment {block_align} does not match "
                                   f"{channels} channels of {bits} bits")
         self._kind = kind
-        self.channels = channels
+        self.channels = audio.check_channels(channels)
         self.sample_rate = audio.check_sample_rate(rate)
         self.bits = bits
         self._frame_bytes = block_align
@@ -336,17 +347,22 @@ def open_audio_file(path: str, block_frames: int = BLOCK_FRAMES) -> AudioSource:
     """A file on disk, read block by block (any format libsndfile reads).
 
     Refused up front like :func:`ecdc.audio.read_audio` refuses it (missing, a directory,
-    empty); a named pipe or device is read like stdin (:func:`open_audio_stream`).
+    empty); a named pipe or device is read like stdin (:func:`open_audio_stream`). A file
+    libsndfile cannot open by name (not UTF-8, a path over 1 KiB) is opened by Python and
+    handed over as a file object (:func:`ecdc.audio.libsndfile_takes_name`).
     """
     st = audio.check_input_path(path)
-    if stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode) and audio.libsndfile_takes_name(path):
         return SoundFileSource(path, block_frames)
     try:
         f = open(path, "rb")  # a FIFO waits here for a writer, as cat does
     except OSError as exc:
-        raise AudioError(f"cannot read: {exc.strerror or exc}") from None
+        raise audio.input_error(exc) from None
     try:
-        source = open_audio_stream(f, block_frames)
+        if stat.S_ISREG(st.st_mode):
+            source: AudioSource = SoundFileSource(f, block_frames)
+        else:
+            source = open_audio_stream(f, block_frames)
     except BaseException:
         f.close()
         raise
@@ -358,12 +374,13 @@ def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> Aud
     """Audio from a stream such as stdin: WAV incrementally, anything else read whole.
 
     libsndfile must seek to decode most formats, so a non-WAV stream (or a WAV encoding
-    this reader does not decode, e.g. ADPCM) is read into memory first and decoded there.
+    this reader does not decode, e.g. ADPCM) is read into memory first and decoded there:
+    sniffed, and only up to :data:`ecdc.audio.MAX_BUFFERED_INPUT` (:func:`ecdc.audio.buffer_stream`).
     """
     head = _read_upto(stream, 12)
     if not head:
         raise AudioError("empty input")
-    if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
+    if audio.is_wav_head(head):
         try:
             return WavStreamReader(stream, prefix=head, block_frames=block_frames)
         except _UnsupportedWav as exc:
@@ -372,8 +389,7 @@ def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> Aud
 
 
 def _whole_stream(stream: BinaryIO, head: bytes, block_frames: int) -> AudioSource:
-    data = head + stream.read()
-    return SoundFileSource(io.BytesIO(data), block_frames)
+    return SoundFileSource(audio.buffer_stream(stream, head), block_frames)
 
 
 def _read_upto(stream: BinaryIO, n: int) -> bytes:
@@ -396,8 +412,14 @@ class WavStreamWriter:
 
     The header goes out first with RIFF and data sizes of 0xFFFFFFFF ("unknown", which
     sox and ffmpeg accept on a pipe); :meth:`close` patches the real sizes in when the
-    output can seek (a regular file) and they fit in 32 bits. Samples are clipped so
-    peaks saturate, and converted exactly as libsndfile converts float to PCM_16.
+    output can seek (a regular file). On a seekable output the header also reserves a
+    ``JUNK`` chunk of 28 bytes after RIFF/WAVE, as EBU Tech 3306 (RF64) suggests: if the
+    file grows past 4 GiB (RIFF size over :data:`RF64_THRESHOLD`), :meth:`close` turns it
+    into a ``ds64`` chunk and the header into RF64, since 32-bit sizes cannot hold the
+    length and 0xFFFFFFFF would be misread as a 4 GiB file. On a pipe there is nothing
+    to reserve: the sizes stay 0xFFFFFFFF (the convention for "unknown" there, read to
+    the end of the stream). Samples are clipped so peaks saturate, and converted exactly
+    as libsndfile converts float to PCM_16.
     """
 
     def __init__(self, fileobj: BinaryIO, sample_rate: int, channels: int, raw: bool = False):
@@ -417,7 +439,8 @@ class WavStreamWriter:
                 self._start = fileobj.tell()
         except (AttributeError, OSError, ValueError):
             self._start = None
-        header, self._riff_offset, self._data_offset = _wav_header(self.sample_rate, self.channels)
+        header, self._riff_offset, self._data_offset = _wav_header(
+            self.sample_rate, self.channels, reserve_ds64=self._start is not None)
         self._write(header)
 
     def write(self, block: np.ndarray) -> None:
@@ -438,13 +461,22 @@ class WavStreamWriter:
         if not self.raw and self._start is not None:
             data_bytes = self.frames_written * self.channels * 2
             riff = self._data_offset + 4 + data_bytes - 8
-            if riff <= _UNKNOWN_32:
-                end = self._f.tell()
+            end = self._f.tell()
+            if riff <= RF64_THRESHOLD:
                 self._f.seek(self._start + self._riff_offset)
                 self._write(struct.pack("<I", riff))
                 self._f.seek(self._start + self._data_offset)
                 self._write(struct.pack("<I", data_bytes))
-                self._f.seek(end)
+            else:
+                # RF64: the 32-bit sizes say "see ds64", which replaces the reserved JUNK.
+                self._f.seek(self._start)
+                self._write(b"RF64" + struct.pack("<I", _UNKNOWN_32))
+                self._f.seek(self._start + _DS64_OFFSET)
+                self._write(b"ds64" + struct.pack("<IQQQI", _DS64_SIZE, riff, data_bytes,
+                                                  self.frames_written, 0))
+                self._f.seek(self._start + self._data_offset)
+                self._write(struct.pack("<I", _UNKNOWN_32))
+            self._f.seek(end)
         flush = getattr(self._f, "flush", None)
         if flush is not None:
             flush()
@@ -464,8 +496,11 @@ def to_pcm16(wav: np.ndarray) -> np.ndarray:
     return (np.rint(clipped.astype(np.float64) * 2.0 ** 31).astype(np.int64) >> 16).astype("<i2")
 
 
-def _wav_header(rate: int, channels: int) -> Tuple[bytes, int, int]:
-    """A PCM_16 header with unknown sizes; returns it with the offsets of both size fields."""
+def _wav_header(rate: int, channels: int, reserve_ds64: bool = False) -> Tuple[bytes, int, int]:
+    """A PCM_16 header with unknown sizes; returns it with the offsets of both size fields.
+
+    ``reserve_ds64`` puts a 28-byte JUNK chunk (room for an RF64 ds64 chunk) first.
+    """
     block_align = channels * 2
     common = struct.pack("<HIIHH", channels, rate, rate * block_align, block_align, 16)
     if channels <= 2:
@@ -474,7 +509,8 @@ def _wav_header(rate: int, channels: int) -> Tuple[bytes, int, int]:
         # More than two channels: WAVE_FORMAT_EXTENSIBLE, as Microsoft asks (no speaker mask).
         guid = struct.pack("<H", _TAG_PCM) + _GUID_TAIL
         fmt = struct.pack("<H", _TAG_EXTENSIBLE) + common + struct.pack("<HHI", 22, 16, 0) + guid
-    header = (b"RIFF" + struct.pack("<I", _UNKNOWN_32) + b"WAVE"
+    junk = b"JUNK" + struct.pack("<I", _DS64_SIZE) + bytes(_DS64_SIZE) if reserve_ds64 else b""
+    header = (b"RIFF" + struct.pack("<I", _UNKNOWN_32) + b"WAVE" + junk
               + b"fmt " + struct.pack("<I", len(fmt)) + fmt
               + b"data" + struct.pack("<I", _UNKNOWN_32))
     return header, 4, len(header) - 4
