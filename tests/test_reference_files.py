@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -77,8 +78,12 @@ def test_v0_codes_equal_what_ecdc_encodes(reference_file):
 
 def test_cli_decompresses_a_reference_file(tmp_path, reference_file):
     name, ref, wav, data = reference_file
-    ckpt = tmp_path / f"{name}-0123abcd.th"  # a bare state dict named like Meta's release
-    torch.save(ref.state_dict(), str(ckpt))
+    # A bare state dict named like Meta's release: NAME-<first 8 hex digits of its sha256>.th
+    # (ecdc checks the file against the hash its name promises).
+    saved = tmp_path / "state.th"
+    torch.save(ref.state_dict(), str(saved))
+    ckpt = tmp_path / f"{name}-{hashlib.sha256(saved.read_bytes()).hexdigest()[:8]}.th"
+    saved.rename(ckpt)
     src = tmp_path / "ref.ecdc"
     src.write_bytes(data)
     result = CliRunner().invoke(main, ["decompress", str(src), "--checkpoint", str(ckpt)])
