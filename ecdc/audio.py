@@ -143,7 +143,7 @@ def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: Optional[int] = MA
     buf.write(head)
     try:
         if len(head) < SNIFF_BYTES:
-            buf.write(_read_upto(stream, SNIFF_BYTES - len(head)))
+            buf.write(read_upto(stream, SNIFF_BYTES - len(head)))
         check_audio_head(buf.getvalue()[:SNIFF_BYTES])
         while True:
             piece = stream.read(1 << 20)
@@ -320,7 +320,7 @@ class _open_input:
             return f
         with f:
             try:
-                head = _read_upto(f, 12)
+                head = read_upto(f, 12)
             except OSError as exc:
                 raise AudioError(f"cannot read: {exc.strerror or exc}") from None
             if not head:
@@ -333,7 +333,7 @@ class _open_input:
             self._file.close()
 
 
-def _read_upto(stream: BinaryIO, n: int) -> bytes:
+def read_upto(stream: BinaryIO, n: int) -> bytes:
     """``n`` bytes, fewer only at the end of the stream (a pipe may give less per read)."""
     parts = []
     got = 0

@@ -377,7 +377,7 @@ def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> Aud
     this reader does not decode, e.g. ADPCM) is read into memory first and decoded there:
     sniffed, and only up to :data:`ecdc.audio.MAX_BUFFERED_INPUT` (:func:`ecdc.audio.buffer_stream`).
     """
-    head = _read_upto(stream, 12)
+    head = audio.read_upto(stream, 12)
     if not head:
         raise AudioError("empty input")
     if audio.is_wav_head(head):
@@ -390,18 +390,6 @@ def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> Aud
 
 def _whole_stream(stream: BinaryIO, head: bytes, block_frames: int) -> AudioSource:
     return SoundFileSource(audio.buffer_stream(stream, head), block_frames)
-
-
-def _read_upto(stream: BinaryIO, n: int) -> bytes:
-    parts: List[bytes] = []
-    got = 0
-    while got < n:
-        piece = stream.read(n - got)
-        if not piece:
-            break
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- writing WAV streams
