@@ -19,9 +19,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
-import numpy as np
 import pytest
 import soundfile
 
