@@ -47,6 +47,7 @@ import soxr
 
 from .container import MAX_ORIGINAL_CHANNELS
 from .errors import AudioError
+from .messages import first_line
 
 PathOrFile = Union[str, os.PathLike, BinaryIO]
 
@@ -254,7 +255,7 @@ def write_audio(target: PathOrFile, wav: np.ndarray, sample_rate: int,
     try:
         soundfile.write(target, out.T, sample_rate, subtype=subtype, format=format)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"cannot write audio: {_first_line(exc)}") from None
+        raise AudioError(f"cannot write audio: {first_line(exc)}") from None
 
 
 def resample(wav: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
@@ -411,10 +412,6 @@ def _soundfile_reason(exc: BaseException) -> str:
     """libsndfile's reason without its "Error opening <file object ...>: " preamble."""
     reason = getattr(exc, "error_string", None)
     if isinstance(reason, str) and reason.strip():
-        return _first_line(Exception(reason)).rstrip(".")
-    return _first_line(exc)
+        return first_line(Exception(reason)).rstrip(".")
+    return first_line(exc)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

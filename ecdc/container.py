@@ -83,6 +83,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
+from .streams import write_all
 
 __all__ = [
     "MAGIC",
@@ -550,13 +551,7 @@ class EcdcWriter:
         self._write(encode_header(header))
 
     def _write(self, data: bytes) -> None:
-        # Raw (unbuffered) file objects may write only part of the data.
-        view = memoryview(data)
-        while view:
-            n = self._f.write(view)
-            if n is None:
-                return
-            view = view[n:]
+        write_all(self._f, data)
 
     def write_chunk(self, chunk: CodeChunk) -> None:
         """Append one code chunk; raises ValueError if it does not match the header."""

@@ -28,6 +28,8 @@ import soundfile
 
 from . import audio
 from .errors import AudioError
+from .messages import first_line
+from .streams import write_all
 
 __all__ = [
     "AudioSource",
@@ -141,7 +143,7 @@ class SoundFileSource(AudioSource):
                     return
                 yield np.ascontiguousarray(block.T)
         except (soundfile.LibsndfileError, RuntimeError) as exc:
-            raise AudioError(f"cannot read audio: {_first_line(exc)}") from None
+            raise AudioError(f"cannot read audio: {first_line(exc)}") from None
 
     def close(self) -> None:
         self._sf.close()
@@ -470,12 +472,7 @@ class WavStreamWriter:
             flush()
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = self._f.write(view)
-            if n is None:
-                return
-            view = view[n:]
+        write_all(self._f, data)
 
 
 def to_pcm16(wav: np.ndarray) -> np.ndarray:
@@ -503,7 +500,3 @@ def _wav_header(rate: int, channels: int, reserve_ds64: bool = False) -> Tuple[b
               + b"data" + struct.pack("<I", _UNKNOWN_32))
     return header, 4, len(header) - 4
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -4,6 +4,7 @@ line on stderr, a non-zero exit, no partial output and an untouched input."""
 
 from __future__ import annotations
 
+import io
 import os
 import resource
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -134,3 +136,36 @@ def test_damaged_stream_through_a_named_pipe(tmp_path: Path, speech: Path, tiny_
     warnings = proc.stderr.decode().strip().splitlines()
     assert warnings and all(w.startswith("ecdc: warning: <stdin>: ") for w in warnings)
     assert soundfile.info(str(tmp_path / "x.wav")).frames == 6 * 24000
+
+
+class _RefusingStream(io.RawIOBase):
+    """A non-blocking raw stream that takes 3 bytes and then refuses (write() returns None)."""
+
+    def __init__(self) -> None:
+        self.taken = b""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data):  # type: ignore[override]
+        if self.taken:
+            return None
+        self.taken = bytes(data[:3])
+        return 3
+
+
+def test_writers_raise_when_a_nonblocking_stream_refuses_data():
+    from ecdc.container import EcdcHeader, EcdcWriter, StereoMode
+    from ecdc.errors import OutputError
+    from ecdc.wavstream import WavStreamWriter
+
+    header = EcdcHeader(model_name="encodec_24khz", weights_fingerprint=bytes(16), sample_rate=24000,
+                        channels=1, stereo_mode=StereoMode.MONO, bandwidth=1.5, num_codebooks=2,
+                        bits_per_code=10, hop_length=320, segment_length=0, segment_stride=0,
+                        has_scale=False, num_samples=None, original_sample_rate=24000, original_channels=1)
+    with pytest.raises(OutputError, match="refused data"):
+        EcdcWriter(_RefusingStream(), header)
+    with pytest.raises(OutputError, match="refused data"):
+        writer = WavStreamWriter(_RefusingStream(), 24000, 1)
+        writer.write(np.zeros((1, 100), dtype=np.float32))
+        writer.close()
