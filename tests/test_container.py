@@ -832,3 +832,32 @@ def test_format_doc_example_is_what_the_writer_produces() -> None:
     list(reader)
     assert (reader.total_samples, reader.original_samples) == (800, 1470)
     assert zlib.crc32(b"123456789") == 0xCBF43926
+
+
+def test_container_package_and_what_it_imports_know_nothing_of_torch() -> None:
+    """Every module the container package reaches through ecdc-local imports is torch-free."""
+    import ast
+    root = Path(container.__file__).resolve().parent.parent  # the ecdc package directory
+    todo = [Path(container.__file__).resolve().parent / name
+            for name in sorted(p.name for p in (root / "container").glob("*.py"))]
+    seen: set = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] != "torch" for a in node.names), path
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] != "torch", path
+                if node.level:  # a relative import inside ecdc: follow it
+                    base = path.parent
+                    for _ in range(node.level - 1):
+                        base = base.parent
+                    target = base.joinpath(*(node.module or "").split(".")) if node.module else base
+                    for candidate in (target.with_suffix(".py"), target / "__init__.py"):
+                        if candidate.exists():
+                            todo.append(candidate)
+    assert any(p.name == "reader.py" for p in seen) and any(p.name == "bitpack.py" for p in seen)

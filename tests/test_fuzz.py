@@ -16,6 +16,7 @@ import json
 import math
 import signal
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -33,15 +34,17 @@ from ecdc.container import (
     EcdcHeader,
     EcdcReader,
     EcdcWriter,
-    Gap,
     StereoMode,
     encode_chunk,
     encode_header,
     max_samples,
-    salvage_silence_limit,
     write_ecdc,
 )
 from ecdc.errors import EcdcError, FormatError
+
+# The reader's invariants and the CRC fixer, shared with the atheris target fuzz/fuzz_container.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
+from container_checks import check_reads, fix_crcs  # noqa: E402
 
 #: Wall-clock limit per example; parsing these small inputs takes milliseconds.
 LIMIT_S = 5.0
@@ -77,74 +80,10 @@ def time_limit(seconds: float = LIMIT_S) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def read(data: bytes, salvage: bool) -> tuple[EcdcReader, list] | None:
-    """Read ``data`` fully; None if refused with an EcdcError.  Anything else propagates."""
-    try:
-        reader = EcdcReader(io.BytesIO(data), salvage=salvage)
-        return reader, list(reader)
-    except EcdcError:
-        return None
-
-
-def check_salvage(reader: EcdcReader, items: list, size: int) -> None:
-    """Chunks and gaps tile the chunk indices in order; silence is bounded by the file's size."""
-    h = reader.header
-    expected = 0
-    silence = 0
-    span = 0  # samples the intact chunks can account for
-    for item in items:
-        if isinstance(item, Gap):
-            assert item.first_chunk == expected
-            assert item.n_chunks >= 1 and item.n_frames >= 0 and item.num_samples >= 0
-            expected += item.n_chunks
-            silence += item.num_samples
-        else:
-            assert isinstance(item, CodeChunk)
-            assert item.index == expected
-            assert item.codes.shape[:2] == (h.streams, h.num_codebooks)
-            expected += 1
-            span += max(item.num_frames * h.hop_length, h.segment_stride)
-    # A hostile file must not be able to ask for more silence than its size supports,
-    # in gaps or in padding to the length it states.
-    limit = salvage_silence_limit(h, size)
-    assert silence <= limit, (silence, limit)
-    if reader.salvaged_samples is not None:
-        assert reader.salvaged_samples <= span + limit, (reader.salvaged_samples, span, limit)
-    assert all(isinstance(d, str) and d and "\n" not in d for d in reader.damage)
-
-
 def check(data: bytes) -> tuple[tuple[EcdcReader, list] | None, tuple[EcdcReader, list] | None]:
     """Read ``data`` both ways under the time limit and check what must hold between them."""
     with time_limit():
-        normal = read(data, salvage=False)
-        salvaged = read(data, salvage=True)
-    if salvaged is not None:
-        check_salvage(*salvaged, len(data))
-    if normal is not None:
-        assert salvaged is not None, "salvage refused a file the normal reader accepts"
-        assert normal[1] == salvaged[1]
-        assert salvaged[0].damage == []
-        assert normal[0].total_samples == salvaged[0].total_samples
-    return normal, salvaged
-
-
-def fix_crcs(data: bytes) -> bytes:
-    """Recompute every v1 header/chunk CRC where the framing fits, to reach the checks behind them."""
-    if data[:5] != b"ECDC\x01" or len(data) < 8:
-        return data
-    out = bytearray(data)
-    end = 8 + int.from_bytes(out[6:8], "little")
-    if end + 4 > len(out):
-        return data
-    out[end:end + 4] = zlib.crc32(out[:end]).to_bytes(4, "little")
-    pos = end + 4
-    while pos + 5 <= len(out):
-        end = pos + 5 + int.from_bytes(out[pos + 1:pos + 5], "little")
-        if end + 4 > len(out):
-            break
-        out[end:end + 4] = zlib.crc32(out[pos:end]).to_bytes(4, "little")
-        pos = end + 4
-    return bytes(out)
+        return check_reads(data)
 
 
 # --------------------------------------------------------------------------- valid files
