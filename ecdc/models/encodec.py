@@ -10,19 +10,26 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Sequence, cast, overload
 
 import torch
 from torch import nn
 
-from ..container import (MAX_BITS, MAX_CODEBOOKS, MAX_HOP_LENGTH, MAX_MODEL_CHANNELS, MAX_NAME_BYTES,
-                         MAX_SAMPLE_RATE, MAX_SEGMENT_LENGTH)
+from ..container import (
+    MAX_BITS,
+    MAX_CODEBOOKS,
+    MAX_HOP_LENGTH,
+    MAX_MODEL_CHANNELS,
+    MAX_NAME_BYTES,
+    MAX_SAMPLE_RATE,
+    MAX_SEGMENT_LENGTH,
+)
 from ..errors import ModelError
 from ..perf import tune_allocator
+from .batching import audio_key, codes_key, runs
 from .modules import CONV_NORMS
 from .quantizer import ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder, run_layers_batched
-
 
 #: Bounds of an :class:`EncodecConfig`. Where a field reaches a file's header they are the
 #: .ecdc format's own limits (ecdc.container); elsewhere far beyond any real codec. A config
@@ -58,7 +65,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _as_float(value: Any) -> Optional[float]:
+def _as_float(value: Any) -> float | None:
     """``value`` as a finite float, or None when it is not a finite real number (or a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
@@ -97,7 +104,7 @@ class EncodecConfig:
         """
         problems: list[str] = []
 
-        def integer(field: str, lo: int, hi: int) -> Optional[int]:
+        def integer(field: str, lo: int, hi: int) -> int | None:
             value = getattr(self, field)
             if not _is_int(value) or not lo <= value <= hi:
                 problems.append(f"{field} must be an integer in {lo}..{hi}, got {_show(value)}")
@@ -105,7 +112,7 @@ class EncodecConfig:
             object.__setattr__(self, field, int(value))
             return int(value)
 
-        def sequence(field: str, most: int) -> Optional[tuple]:
+        def sequence(field: str, most: int) -> tuple | None:
             value = getattr(self, field)
             if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= most:
                 problems.append(f"{field} must be a list of 1..{most} numbers, got {_show(value)}")
@@ -138,7 +145,7 @@ class EncodecConfig:
                 problems.append(f"bandwidths must be finite numbers in 0.001..{MAX_BANDWIDTH_KBPS:.3f} kbps, "
                                 f"got {_show(bad[0])}")
                 bandwidths = None
-            elif values != sorted(set(values)):
+            elif values != sorted(set(cast("list[float]", values))):  # no None: none was bad
                 problems.append("bandwidths must be strictly ascending")
                 bandwidths = None
             else:
@@ -308,18 +315,6 @@ def linear_overlap_add(frames: Sequence[torch.Tensor], stride: int) -> torch.Ten
     return out / weight_sum
 
 
-def _runs(items: list, limit: int, key: Callable[[Any], Any]) -> list[list]:
-    """Consecutive runs of at most ``limit`` items with equal ``key`` (as the streaming
-    engine forms them, so that streamed and whole-file results are the same)."""
-    runs: list[list] = []
-    for item in items:
-        if runs and len(runs[-1]) < limit and key(runs[-1][0]) == key(item):
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
-
-
 class EncodecModel(nn.Module):
     """EnCodec: waveform <-> discrete codes, one :class:`EncodedSegment` per segment.
 
@@ -332,6 +327,10 @@ class EncodecModel(nn.Module):
     DEFAULT_BATCH_SEGMENTS = 16
     #: Of those, segments given to each convolution at a time (see :func:`run_layers_batched`).
     CONV_BATCH_SEGMENTS = 4
+
+    # None after release_unused(); use require() where either may be gone.
+    encoder: SEANetEncoder | None
+    decoder: SEANetDecoder | None
 
     def __init__(self, config: EncodecConfig, exact_decoder: bool = False) -> None:
         super().__init__()
@@ -379,7 +378,11 @@ class EncodecModel(nn.Module):
             book.cluster_size = book.cluster_size.new_empty(0)
         self._released = keep
 
-    def require(self, part: str) -> nn.Module:
+    @overload
+    def require(self, part: Literal["encoder"]) -> SEANetEncoder: ...
+    @overload
+    def require(self, part: Literal["decoder"]) -> SEANetDecoder: ...
+    def require(self, part: str) -> SEANetEncoder | SEANetDecoder:
         """``self.encoder`` or ``self.decoder``, with a clear error after :meth:`release_unused`."""
         module = getattr(self, part)
         if module is None:
@@ -434,7 +437,7 @@ class EncodecModel(nn.Module):
         stride = self.segment_stride or length
         pieces = [wav[:, :, start : start + seg_len] for start in range(0, length, stride)]
         out: list[EncodedSegment] = []
-        for run in _runs(pieces, self.DEFAULT_BATCH_SEGMENTS, lambda w: tuple(w.shape)):
+        for run in runs(pieces, self.DEFAULT_BATCH_SEGMENTS, audio_key):
             out += self.encode_segments(run, num_codebooks)
         return out
 
@@ -476,24 +479,29 @@ class EncodecModel(nn.Module):
         codes = self.quantizer.encode(self.require("encoder")(wav), num_codebooks)
         return EncodedSegment(codes=codes, scale=scale)
 
-    def _prepare_segment(self, wav: torch.Tensor, num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Check one segment and normalise it: (network input, scale or None)."""
-        self._check_wav(wav)
+    def check_num_codebooks(self, num_codebooks: int) -> None:
+        """Refuse a codebook count the model does not have (``ModelError``)."""
         if not 1 <= num_codebooks <= self.max_codebooks:
             raise ModelError(f"{self.name} has {self.max_codebooks} codebooks, asked for {num_codebooks}")
+
+    def _normalise(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(``wav`` scaled to unit RMS of its mono mix, the scale ``[B, 1, 1]``) for
+        normalising models, else (``wav``, None). The epsilon keeps silence finite."""
+        if not self.config.normalize:
+            return wav, None
+        mono = wav.mean(dim=1, keepdim=True)
+        scale = 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
+        return wav / scale, scale
+
+    def _prepare_segment(self, wav: torch.Tensor, num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Check one segment and normalise it: (network input, scale ``[B]`` or None)."""
+        self._check_wav(wav)
+        self.check_num_codebooks(num_codebooks)
         seg_len = self.segment_length
         if seg_len is not None and wav.shape[-1] > seg_len:
             raise ModelError(f"segment of {wav.shape[-1]} samples is longer than {seg_len}")
-        wav = wav.to(self._device())
-        scale = None
-        if self.config.normalize:
-            # RMS of the mono mix; the epsilon keeps silence finite.
-            mono = wav.mean(dim=1, keepdim=True)
-            rms = mono.pow(2).mean(dim=2, keepdim=True).sqrt()
-            scale_3d = 1e-8 + rms
-            wav = wav / scale_3d
-            scale = scale_3d.view(-1)
-        return wav, scale
+        wav, scale = self._normalise(wav.to(self._device()))
+        return wav, None if scale is None else scale.view(-1)
 
     def forward(self, wav: torch.Tensor, num_codebooks: int) -> ModelOutput:
         """Differentiable encode -> quantise -> decode of ``wav`` ``[B, C, T]``, for training.
@@ -505,17 +513,11 @@ class EncodecModel(nn.Module):
         encoder.
         """
         self._check_wav(wav)
-        if not 1 <= num_codebooks <= self.max_codebooks:
-            raise ModelError(f"{self.name} has {self.max_codebooks} codebooks, asked for {num_codebooks}")
+        self.check_num_codebooks(num_codebooks)
         length = wav.shape[-1]
-        scale = None
-        x = wav
-        if self.config.normalize:
-            mono = wav.mean(dim=1, keepdim=True)
-            scale = 1e-8 + mono.pow(2).mean(dim=2, keepdim=True).sqrt()
-            x = wav / scale
-        result = self.quantizer(self.encoder(x), num_codebooks)
-        audio = self.decoder(result.quantized)
+        x, scale = self._normalise(wav)
+        result = self.quantizer(self.require("encoder")(x), num_codebooks)
+        audio = self.require("decoder")(result.quantized)
         if scale is not None:
             audio = audio * scale
         return ModelOutput(audio=audio[..., :length], codes=result.codes,
@@ -559,8 +561,7 @@ class EncodecModel(nn.Module):
             if len(segments) != 1:
                 raise ModelError(f"{self.name} is not segmented, got {len(segments)} segments")
             return self.decode_segment(segments[0])
-        key = lambda g: (tuple(g.codes.shape), g.scale is None, g.codes.device)  # noqa: E731
-        frames = [frame for run in _runs(segments, self.DEFAULT_BATCH_SEGMENTS, key)
+        frames = [frame for run in runs(segments, self.DEFAULT_BATCH_SEGMENTS, codes_key)
                   for frame in self.decode_segments(run)]
         return linear_overlap_add(frames, stride)
 
@@ -572,7 +573,8 @@ class EncodecModel(nn.Module):
             return [self.decode_segment(segments[0])]
         batch = segments[0].codes.shape[0]
         scales = [s.scale for s in segments]
-        joined = EncodedSegment(codes=torch.cat([s.codes for s in segments], dim=0),
-                                scale=None if scales[0] is None else torch.cat(scales, dim=0))
+        # A run's segments all have a scale or none (codes_key).
+        scale = None if scales[0] is None else torch.cat(cast("list[torch.Tensor]", scales), dim=0)
+        joined = EncodedSegment(codes=torch.cat([s.codes for s in segments], dim=0), scale=scale)
         out = self._decode_segment(joined, self.CONV_BATCH_SEGMENTS * batch)
         return [out[i * batch:(i + 1) * batch] for i in range(len(segments))]

@@ -3,18 +3,28 @@
 Attribute names (``conv.conv.weight_g``, ``convtr.convtr.weight_v``, ``conv.norm.weight``,
 ``lstm.weight_ih_l0`` ...) are chosen so that Meta's released state dicts load with
 ``strict=True``; the padding arithmetic reproduces the reference bit for bit, because the
-codes a file holds depend on it.
+codes a file holds depend on it. The faster inference formulations some layers switch to
+are in :mod:`ecdc.models.fastpaths`, with when each applies.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Self, cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..perf import lstm_threads
+from .caching import DerivedTensorCache
+from .fastpaths import (
+    conv1d_small_output,
+    conv1d_small_output_applies,
+    conv_transpose1d_double_kernel,
+    double_kernel_applies,
+    reflect_pad_by_copy,
+)
 
 CONV_NORMS = ("none", "weight_norm", "time_group_norm")
 
@@ -63,25 +73,8 @@ def pad1d(x: torch.Tensor, left: int, right: int, mode: str = "reflect") -> torc
     if torch.is_grad_enabled():
         padded = F.pad(x, (left, right), mode="reflect")
     else:
-        padded = _reflect_pad_by_copy(x, left, right)
+        padded = reflect_pad_by_copy(x, left, right)  # the same bits, faster
     return padded[..., : padded.shape[-1] - extra]
-
-
-def _reflect_pad_by_copy(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """``F.pad(x, (left, right), mode="reflect")`` as one copy plus two small flipped ones.
-
-    The same values bit for bit (padding only moves data), 3-7x faster on CPU than
-    torch's reflection kernel for the encoder's activations, where that kernel took about
-    6 % of the whole pass. Needs ``x.shape[-1] > max(left, right)``.
-    """
-    length = x.shape[-1]
-    out = x.new_empty(*x.shape[:-1], left + length + right)
-    out[..., left : left + length] = x
-    if left:
-        out[..., :left] = x[..., 1 : left + 1].flip(-1)
-    if right:
-        out[..., left + length :] = x[..., length - 1 - right : length - 1].flip(-1)
-    return out
 
 
 def unpad1d(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
@@ -118,33 +111,28 @@ def _use_cache(module: nn.Module) -> bool:
     return not module.training and not torch.is_grad_enabled()
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    """Changes whenever ``t`` is modified in place or replaced (``.to``, ``load_state_dict``).
-
-    The version counter is bumped by every in-place op (optimiser steps, ``copy_``); the
-    data pointer, device and dtype catch moves and casts. Writes through ``.data`` bump
-    no counter: call :func:`clear_weight_cache` after those.
-    """
-    return (id(t), t._version, t.data_ptr(), t.device, t.dtype, t.shape)
-
-
-class _WeightNormMixin:
+class _WeightNormMixin(DerivedTensorCache):
     """Replaces a conv's ``weight`` parameter by ``weight_g`` / ``weight_v`` (dim=0).
 
     Same names, shapes and initialisation (g = ||w||, v = w) as ``torch.nn.utils.weight_norm``,
     without its deprecated forward-pre-hook machinery.
 
     At inference (eval mode, no autograd) the normalised weight is computed once and
-    reused until ``weight_g`` / ``weight_v`` change: it is the same ``torch._weight_norm``
-    call on the same tensors, so the values are bit-identical to recomputing it per call.
+    reused until ``weight_g`` / ``weight_v`` change (:mod:`ecdc.models.caching`): it is the
+    same ``torch._weight_norm`` call on the same tensors, so the values are bit-identical
+    to recomputing it per call.
     In training (or whenever grad is enabled) it is recomputed on every call so that
     gradients flow through the reparametrisation.
     """
 
     _weight_cache: tuple | None = None
+    _cache_attrs = ("_weight_cache",)
+    weight_g: nn.Parameter  # registered by _split_weight
+    weight_v: nn.Parameter
 
     def _split_weight(self) -> None:
-        weight = self._parameters.pop("weight").detach()
+        # A conv's weight is always a Parameter (only a bias may be registered as None).
+        weight = cast(nn.Parameter, self._parameters.pop("weight")).detach()
         dims = [1] * (weight.dim() - 1)
         if weight.is_meta:
             # Built on the meta device to be given a state dict's tensors (see
@@ -158,34 +146,18 @@ class _WeightNormMixin:
         self.register_parameter("weight_v", nn.Parameter(weight.clone()))
 
     def normed_weight(self) -> torch.Tensor:
+        """``weight_g * weight_v / ||weight_v||``, from the cache where :func:`_use_cache` allows."""
         v, g = self.weight_v, self.weight_g
         if not _use_cache(self):
             return _weight_norm(v, g)
-        key = (_tensor_key(v), _tensor_key(g))
-        cached = self._weight_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        # A plain tensor even when called under inference mode, so that the cache can be
-        # used later outside it.
-        with torch.inference_mode(False), torch.no_grad():
-            weight = _weight_norm(v, g)
-        self._weight_cache = (key, weight)
-        return weight
+        return self.cached("_weight_cache", (v, g), lambda: _weight_norm(v, g))
 
     def clear_weight_cache(self) -> None:
-        self._weight_cache = None
+        self.drop_caches()
 
-    def train(self, mode: bool = True):
-        self._weight_cache = None
+    def train(self, mode: bool = True) -> Self:
+        self.drop_caches()
         return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._weight_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._weight_cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
 
 def clear_weight_cache(module: nn.Module) -> None:
@@ -214,15 +186,26 @@ class WeightNormConv1d(_WeightNormMixin, nn.Conv1d):
 class WeightNormConvTranspose1d(_WeightNormMixin, nn.ConvTranspose1d):
     """``nn.ConvTranspose1d`` with weight norm over dim 0 (input channels), as Meta's weights."""
 
+    # nn.ConvTranspose1d stores its (integer) padding as a tuple; the ``str | tuple`` of
+    # torch's _ConvNd declaration is for the string modes of plain convs.
+    padding: tuple[int, ...]
+
     def __init__(self, *args, **kwargs) -> None:
         nn.ConvTranspose1d.__init__(self, *args, **kwargs)
         self._split_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # No ``output_size`` argument (nn.ConvTranspose1d's): the layers' padding is fixed.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return F.conv_transpose1d(
             x, self.normed_weight(), self.bias, self.stride, self.padding,
             self.output_padding, self.groups, self.dilation,
         )
+
+
+def conv_weight(conv: nn.Conv1d | nn.ConvTranspose1d) -> torch.Tensor:
+    """The weight ``conv`` computes with (normalised, for a weight-normed one), for the
+    fast paths that call the kernels themselves (:mod:`ecdc.models.fastpaths`)."""
+    return conv.normed_weight() if isinstance(conv, _WeightNormMixin) else conv.weight
 
 
 def _norm_module(norm: str, channels: int) -> nn.Module:
@@ -246,9 +229,8 @@ class NormConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if self.allow_reassociation and _small_output_ok(conv, x):
-            weight = conv.normed_weight() if isinstance(conv, _WeightNormMixin) else conv.weight
-            return self.norm(conv1d_small_output(x, weight, conv.bias, conv.dilation[0]))
+        if self.allow_reassociation and conv1d_small_output_applies(conv, x):
+            return self.norm(conv1d_small_output(x, conv_weight(conv), conv.bias, conv.dilation[0]))
         return self.norm(conv(x))
 
     #: May compute the same sums in another order (faster; results equal to float
@@ -256,101 +238,6 @@ class NormConv1d(nn.Module):
     #: turns it on for its decoder only: the encoder must reproduce the reference's
     #: latents exactly, or near-ties in the RVQ could flip codes.
     allow_reassociation = False
-
-
-def set_reassociation(module: nn.Module, allow: bool) -> None:
-    """Let every layer under ``module`` use its faster, not bit-exact formulation
-    (``allow``) or only the reference's exact arithmetic."""
-    from .seanet import SEANetResnetBlock  # circular at import time
-
-    for m in module.modules():
-        if isinstance(m, (NormConv1d, NormConvTranspose1d, SEANetResnetBlock)):
-            m.allow_reassociation = bool(allow)
-
-
-def _inference_cpu(module: nn.Module, x: torch.Tensor) -> bool:
-    return (not module.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dim() == 3 and x.dtype == torch.float32)
-
-
-def _small_output_ok(conv: nn.Conv1d, x: torch.Tensor) -> bool:
-    return (_inference_cpu(conv, x) and conv.stride[0] == 1 and conv.groups == 1
-            and conv.padding[0] == 0 and conv.out_channels * conv.kernel_size[0] <= 16)
-
-
-def _matmul_2d_3d(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``w @ x`` for ``w`` ``[M, K]`` and ``x`` ``[B, K, N]`` -> contiguous ``[B, M, N]``.
-
-    Not ``torch.matmul``: for a ``w`` that requires grad (a plain parameter) it folds the
-    batch into an ``x^T w^T`` product and then copies the transposed result, 2-3x slower.
-    """
-    w = w.detach()
-    if x.shape[0] == 1:
-        return torch.mm(w, x[0]).unsqueeze(0)
-    return torch.bmm(w.expand(x.shape[0], *w.shape), x)
-
-
-def conv1d_small_output(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        dilation: int = 1) -> torch.Tensor:
-    """``F.conv1d(x, weight, bias, dilation=dilation)`` (stride 1, no padding) as one
-    matrix product over the input and ``kernel_size`` shifted sums of its few output rows.
-
-    For convs with few outputs (the decoder's last layer: 32 channels -> 1 or 2), where
-    oneDNN's direct convolution is 3-4x slower. Equal to it up to float rounding.
-    """
-    b, c_in, length = x.shape
-    c_out, _, k = weight.shape
-    t = length - (k - 1) * dilation
-    taps = _matmul_2d_3d(weight.permute(2, 0, 1).reshape(k * c_out, c_in), x)  # [B, k*C_out, L]
-    taps = taps.view(b, k, c_out, length)
-    y = taps[:, 0, :, :t].clone() if bias is None else taps[:, 0, :, :t] + bias.view(1, -1, 1)
-    for i in range(1, k):
-        y += taps[:, i, :, i * dilation : i * dilation + t]
-    return y
-
-
-def conv_transpose1d_double_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                   stride: int) -> torch.Tensor:
-    """``F.conv_transpose1d(x, weight, bias, stride)`` for ``kernel_size == 2 * stride``.
-
-    The SEANet decoder's upsampling layers all have this shape. Each input frame then
-    spreads over exactly two output blocks of ``stride`` samples, so the transposed conv is
-    one matrix product ``W^T x`` (``[C_out * 2 * stride, T]``) plus one shifted add of its
-    two halves: up to 2.5x faster on CPU than torch's kernel (measured on the 24 kHz
-    decoder's layers; the gain grows with the number of frames). Same
-    sums, in a different order: values agree with torch's to float rounding (~1e-7
-    relative), not bit for bit.
-    """
-    b, c_in, t = x.shape
-    c_out = weight.shape[1]
-    s = stride
-    cols = _matmul_2d_3d(weight.reshape(c_in, c_out * 2 * s).t(), x)  # [B, C_out * 2s, T]
-    cols = cols.view(b, c_out, 2, s, t)
-    first = cols[:, :, 0].transpose(2, 3)  # [B, C_out, T, s]: frame t's first block
-    second = cols[:, :, 1].transpose(2, 3)  # ... and its second, which lands one block later
-    y = x.new_empty(b, c_out, t + 1, s)
-    if bias is None:
-        y[:, :, :t].copy_(first)
-        y[:, :, t].zero_()
-    else:
-        torch.add(first, bias.view(1, -1, 1, 1), out=y[:, :, :t])
-        y[:, :, t] = bias.view(1, -1, 1)
-    y[:, :, 1:] += second
-    return y.view(b, c_out, (t + 1) * s)
-
-
-def _fast_transpose_ok(conv: nn.ConvTranspose1d, x: torch.Tensor) -> bool:
-    """Whether :func:`conv_transpose1d_double_kernel` applies: inference on CPU, plain
-    geometry with ``kernel_size == 2 * stride``. Training keeps torch's kernel (as do
-    layers whose ``allow_reassociation`` is off)."""
-    return (
-        _inference_cpu(conv, x)
-        and conv.kernel_size[0] == 2 * conv.stride[0]
-        and conv.padding[0] == 0
-        and conv.output_padding[0] == 0
-        and conv.dilation[0] == 1
-        and conv.groups == 1
-    )
 
 
 class NormConvTranspose1d(nn.Module):
@@ -369,9 +256,8 @@ class NormConvTranspose1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.convtr
-        if self.allow_reassociation and _fast_transpose_ok(conv, x):
-            weight = conv.normed_weight() if isinstance(conv, _WeightNormMixin) else conv.weight
-            y = conv_transpose1d_double_kernel(x, weight, conv.bias, conv.stride[0])
+        if self.allow_reassociation and double_kernel_applies(conv, x):
+            y = conv_transpose1d_double_kernel(x, conv_weight(conv), conv.bias, conv.stride[0])
         else:
             y = conv(x)
         return self.norm(y)

@@ -16,11 +16,14 @@ random choice (k-means seeding, dead-code replacement) is made on rank 0 and bro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Protocol, cast, overload
 
 import torch
 from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
+
+from .caching import DerivedTensorCache
 
 
 def _distributed() -> bool:
@@ -91,11 +94,19 @@ def kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int) -> tuple[to
     return means, counts
 
 
-class EuclideanCodebook(nn.Module):
+class EuclideanCodebook(DerivedTensorCache, nn.Module):
     """One codebook of ``codebook_size`` vectors of size ``dim``, searched by L2 distance.
 
     Starts empty (zeros, ``inited`` = 0), as Meta's does before k-means initialisation.
     """
+
+    _embed_sq_cache: tuple | None = None
+    _cache_attrs = ("_embed_sq_cache",)
+    # Buffers (registered in __init__).
+    inited: torch.Tensor
+    cluster_size: torch.Tensor
+    embed: torch.Tensor
+    embed_avg: torch.Tensor
 
     def __init__(self, dim: int, codebook_size: int, decay: float = 0.99, epsilon: float = 1e-5,
                  kmeans_iters: int = 50, threshold_ema_dead_code: int = 2) -> None:
@@ -111,15 +122,6 @@ class EuclideanCodebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(codebook_size))
         self.register_buffer("embed", torch.zeros(codebook_size, dim))
         self.register_buffer("embed_avg", torch.zeros(codebook_size, dim))
-        self._embed_sq_cache: tuple | None = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self._embed_sq_cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._embed_sq_cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of ``x`` ``[N, dim]`` -> ``[N]`` int64.
@@ -141,16 +143,9 @@ class EuclideanCodebook(nn.Module):
 
     def _embed_sq(self) -> torch.Tensor:
         """``|e|^2`` per code ``[1, K]``, as in :meth:`encode`, cached while ``embed`` is
-        unchanged (its version counter and storage; training updates bump the counter)."""
+        unchanged (:mod:`ecdc.models.caching`; training updates bump its version counter)."""
         embed = self.embed
-        key = (id(embed), embed._version, embed.data_ptr(), embed.device, embed.dtype, embed.shape)
-        cached = self._embed_sq_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.inference_mode(False), torch.no_grad():
-            sq = embed.t().pow(2).sum(0, keepdim=True)
-        self._embed_sq_cache = (key, sq)
-        return sq
+        return self.cached("_embed_sq_cache", (embed,), lambda: embed.t().pow(2).sum(0, keepdim=True))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook vectors for integer ``codes`` of any shape -> ``[*codes.shape, dim]``."""
@@ -263,14 +258,28 @@ class VectorQuantization(nn.Module):
         return quantized.view(b, t, d).transpose(1, 2), codes.view(b, t)
 
 
+class _Stages(Protocol):
+    """How :attr:`ResidualVectorQuantization.layers` is used: an ``nn.ModuleList`` (not
+    generic in torch's stubs) holding only :class:`VectorQuantization` stages."""
+
+    @overload
+    def __getitem__(self, idx: int) -> VectorQuantization: ...
+    @overload
+    def __getitem__(self, idx: slice) -> _Stages: ...
+    def __iter__(self) -> Iterator[VectorQuantization]: ...
+    def __len__(self) -> int: ...
+
+
 class ResidualVectorQuantization(nn.Module):
     """The list of stages; exists as its own module only for the ``vq.layers`` key path."""
 
+    layers: _Stages
+
     def __init__(self, dim: int, codebook_size: int, num_quantizers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
+        self.layers = cast(_Stages, nn.ModuleList(
             [VectorQuantization(dim, codebook_size) for _ in range(num_quantizers)]
-        )
+        ))
 
 
 @dataclass

@@ -1,19 +1,21 @@
 """SEANet encoder and decoder, the convolutional halves of EnCodec.
 
 Layers live in one ``nn.Sequential`` called ``model`` in the same order as Meta's, because
-the state-dict keys are ``encoder.model.<index>....``.
+the state-dict keys are ``encoder.model.<index>....``. :func:`set_reassociation` lets a
+network's layers use the faster, not bit-exact formulations of :mod:`ecdc.models.fastpaths`
+(the decoder's default; never the encoder's).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .modules import (SConv1d, SConvTranspose1d, SLSTM, _inference_cpu, _matmul_2d_3d, _WeightNormMixin,
-                      set_reassociation)
+from .fastpaths import conv1x1_pair_sum, is_cpu_inference
+from .modules import SLSTM, NormConv1d, NormConvTranspose1d, SConv1d, SConvTranspose1d, conv_weight
 
 # Fixed by the published architecture; not exposed in EncodecConfig.
 KERNEL_SIZE = 7
@@ -48,7 +50,7 @@ class SEANetResnetBlock(nn.Module):
             return self.shortcut(x) + self.block(x)
         # Inference: the same ops, with the second ELU and the sum done in place on
         # tensors this block owns (a + b == b + a exactly, so the result is identical).
-        elu1, conv1, elu2, conv2 = self.block
+        elu1, conv1, elu2, conv2 = cast("tuple[nn.ELU, SConv1d, nn.ELU, SConv1d]", self.block)
         h = conv1(F.elu(x, alpha=elu1.alpha))
         # In place on a fresh tensor: the same memory layout as the reference's
         # out-of-place ELU, hence the same bits (ELU's vectorised and scalar paths round
@@ -69,30 +71,29 @@ def _fused_1x1_ok(conv: SConv1d, shortcut: SConv1d, x: torch.Tensor, h: torch.Te
     for c, inp in ((conv, h), (shortcut, x)):
         inner = c.conv.conv
         if (c.kernel_size != 1 or c.stride != 1 or inner.groups != 1 or inner.bias is None
-                or not isinstance(c.conv.norm, nn.Identity) or not _inference_cpu(inner, inp)):
+                or not isinstance(c.conv.norm, nn.Identity) or not is_cpu_inference(inner, inp)):
             return False
     return True
 
 
 def _fused_1x1(shortcut: SConv1d, x: torch.Tensor, conv: SConv1d, h: torch.Tensor) -> torch.Tensor:
-    """``shortcut(x) + conv(h)`` for 1x1 convs: ``(W_s x + (b_s + b_c)) + W_c h`` with the
-    second product accumulated in place. Equal to the separate convs to float rounding."""
-
-    def weight(c: SConv1d) -> torch.Tensor:
-        inner = c.conv.conv
-        w = inner.normed_weight() if isinstance(inner, _WeightNormMixin) else inner.weight
-        return w.detach()[:, :, 0]
-
-    bias = (shortcut.conv.conv.bias + conv.conv.conv.bias).view(-1, 1)
-    w_s, w_c = weight(shortcut), weight(conv)
-    if x.shape[0] == 1:
-        out = torch.addmm(bias, w_s, x[0])
-        return out.addmm_(w_c, h[0]).unsqueeze(0)
-    out = _matmul_2d_3d(w_s, x).add_(bias)
-    return out.add_(_matmul_2d_3d(w_c, h))
+    """``shortcut(x) + conv(h)`` for 1x1 convs, by :func:`~ecdc.models.fastpaths.conv1x1_pair_sum`."""
+    # Both biases exist: checked by _fused_1x1_ok.
+    bias = (cast(torch.Tensor, shortcut.conv.conv.bias) + cast(torch.Tensor, conv.conv.conv.bias)).view(-1, 1)
+    w_s = conv_weight(shortcut.conv.conv).detach()[:, :, 0]
+    w_c = conv_weight(conv.conv.conv).detach()[:, :, 0]
+    return conv1x1_pair_sum(bias, w_s, x, w_c, h)
 
 
-def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def set_reassociation(module: nn.Module, allow: bool) -> None:
+    """Let every layer under ``module`` use its faster, not bit-exact formulation
+    (``allow``; see :mod:`ecdc.models.fastpaths`) or only the reference's exact arithmetic."""
+    for m in module.modules():
+        if isinstance(m, (NormConv1d, NormConvTranspose1d, SEANetResnetBlock)):
+            m.allow_reassociation = bool(allow)
+
+
+def run_layers(layers: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Apply SEANet ``layers`` in order, like ``nn.Sequential``, with identical results.
 
     At inference an ELU works in place on the previous layer's fresh output (never on the
@@ -107,7 +108,7 @@ def run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def run_layers_batched(layers: Sequence[nn.Module], x: torch.Tensor, conv_batch: int) -> torch.Tensor:
+def run_layers_batched(layers: Iterable[nn.Module], x: torch.Tensor, conv_batch: int) -> torch.Tensor:
     """:func:`run_layers` on a batch of independent items, with every layer but the LSTMs
     given at most ``conv_batch`` items at a time; each LSTM gets the whole batch.
 

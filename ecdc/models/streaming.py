@@ -20,21 +20,22 @@ once. Two kinds of model, two strategies:
 
 * **Segmented** (the 48 kHz model). Segments are encoded as soon as they are complete,
   grouped into batched passes exactly as :meth:`EncodecModel.encode` / ``decode`` group
-  them, and the decoded segments are overlap-added incrementally with the same weights
-  and order of additions as :func:`linear_overlap_add`; samples are released once no
-  later segment can touch them.
+  them (:mod:`ecdc.models.batching`), and the decoded segments are overlap-added
+  incrementally with the same weights and order of additions as
+  :func:`linear_overlap_add`; samples are released once no later segment can touch them.
 
 Why identical codes need more than equal maths: CPU kernels round differently depending
 on the shape of the call, and a 1e-7 difference flips near-ties in deep RVQ stages. For a
 batch of one, PyTorch convolves with oneDNN only when ``channels_in * width > 20480``
-(:data:`ONEDNN_MIN_ELEMENTS`) and otherwise with a GEMM fallback that rounds differently;
+(``ONEDNN_MIN_ELEMENTS``) and otherwise with a GEMM fallback that rounds differently;
 MKL's GEMM rounds differently for fewer than ~8 rows, the LSTM for a single time step.
 Above those sizes results are the same at every position whatever the width, so each
 call here is kept in the regime of a long whole-file pass: windows are wide enough for
 every conv (a short last block is widened to the left, recomputing frames already sent),
-the last LSTM chunk is zero-padded to :data:`MIN_ROWS` steps (it is causal) and the
-quantiser gets at least :data:`MIN_ROWS` frames. Inputs shorter than one block are coded
-by one whole-file call, identical by definition.
+the last LSTM chunk is zero-padded to ``MIN_ROWS`` steps (it is causal) and the
+quantiser gets at least ``MIN_ROWS`` frames. Inputs shorter than one block are coded
+by one whole-file call, identical by definition. That window geometry is in
+:mod:`ecdc.models.windows`; this module holds the two stateful engines.
 
 Measured on CPU (1, 2, 4 and 8 threads; 24 kHz model with realistic codebooks, lengths
 from 1 sample to 30 s, pushes of 1 sample to 2 s, blocks of 1 to 10 s, batch 1 and 2):
@@ -42,36 +43,25 @@ codes identical every time; decoded audio within 6e-8 of the whole-file decode (
 transposed convolutions are not shift-invariant to the last bit). Caveat: the last
 ``chunk % 16`` elements of each thread's chunk of an ELU take a scalar path that rounds
 differently. Windows are sized so that every ELU is split over all threads (see
-:func:`_min_input_width`, sized for the thread count at construction); when that count
-divides the channel counts (1, 2, 4, 8, 16 for the official models) the chunks follow
-channel boundaries and the odd elements sit at the same places in both passes. With
-other counts (e.g. 3) the whole-file pass itself is not shift-invariant: a rare deep code
-can then differ (2 of 8 long inputs at 3 threads). On CUDA the same windows are used,
-but cuDNN's algorithm choice per shape is not controlled here (untested).
+:func:`~ecdc.models.windows.min_input_width`, sized for the thread count at
+construction); when that count divides the channel counts (1, 2, 4, 8, 16 for the
+official models) the chunks follow channel boundaries and the odd elements sit at the
+same places in both passes. With other counts (e.g. 3) the whole-file pass itself is not
+shift-invariant: a rare deep code can then differ (2 of 8 long inputs at 3 threads). On
+CUDA the same windows are used, but cuDNN's algorithm choice per shape is not controlled
+here (untested).
 """
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-from typing import Any, Callable, Iterable, Sequence
-
 import torch
-from torch import nn
 
 from ..errors import ModelError
+from .batching import Runs, audio_key, codes_key
 from .encodec import EncodecModel, EncodedSegment
-from .modules import SConv1d, SConvTranspose1d, SLSTM
-from .seanet import SEANetResnetBlock, run_layers
+from .seanet import run_layers
+from .windows import MIN_ROWS, history_to_use, left_context, lstm_step, min_input_width, split_at_lstm, with_history
 
-# PyTorch (CPU, float32, batch of one) convolves with oneDNN only above this many input
-# elements per call (channels x width); below it a GEMM fallback rounds differently.
-ONEDNN_MIN_ELEMENTS = 20480
-# ATen's grain size: an elementwise op on n elements runs on ceil(n / grain) threads at most.
-ELEMENTWISE_GRAIN = 32768
-# Fewest rows given to a GEMM (quantiser distances) or time steps given to the LSTM: MKL
-# and oneDNN take other code paths for a handful of rows.
-MIN_ROWS = 16
 # Audio per block: 2 s keeps a block's activations (and so peak memory) small while each
 # conv and GEMM call is still large enough to run at full speed on oneDNN/MKL.
 DEFAULT_BLOCK_SECONDS = 2.0
@@ -81,154 +71,6 @@ DEFAULT_DECODER_BLOCK_SECONDS = 1.0
 # second but pay a fixed cost per call (oneDNN re-packs the LSTM's 8 MB of weights on
 # every call: ~15 ms, as much as 110 of its time steps), so they run on longer chunks.
 DEFAULT_CHUNK_SECONDS = 10.0
-
-_ELEMENTWISE = (nn.ELU, nn.Identity)
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-def _left_context(modules: Sequence[nn.Module]) -> int:
-    """First output index of ``modules`` that is exact when the input window starts late.
-
-    A window that starts inside the signal sees the wrong left padding (reflected instead
-    of the real past) and, for transposed convs, misses the previous frames' overlap; the
-    returned number of leading outputs are spoilt by that, every later one is exact.
-    """
-    first_exact = 0  # index of the first exact position at the current layer
-    for module in modules:
-        first_exact = _first_exact_after(module, first_exact)
-    return first_exact
-
-
-def _first_exact_after(module: nn.Module, e: int) -> int:
-    if isinstance(module, _ELEMENTWISE):
-        return e
-    if isinstance(module, SConv1d):
-        if not module.causal:
-            raise ModelError("streaming needs causal convolutions")
-        pad = (module.kernel_size - 1) * module.dilation - (module.stride - 1)
-        # output j reads inputs j*stride - pad .. j*stride + (k-1)*dilation - pad
-        return -(-(e + pad) // module.stride)
-    if isinstance(module, SConvTranspose1d):
-        if not module.causal or module.trim_right_ratio != 1.0:
-            raise ModelError("streaming needs causal transposed convolutions")
-        # output p sums inputs ceil((p - k + 1) / s) .. p // s; all must be >= e
-        return e * module.stride + module.kernel_size - module.stride
-    if isinstance(module, SEANetResnetBlock):
-        return max(_first_exact_after(module.shortcut, e), _chain(module.block, e))
-    raise ModelError(f"cannot stream through a {type(module).__name__}")
-
-
-def _chain(modules: Iterable[nn.Module], e: int) -> int:
-    for module in modules:
-        e = _first_exact_after(module, e)
-    return e
-
-
-def _min_input_width(modules: Sequence[nn.Module], threads: int) -> int:
-    """Fewest input positions for which every call in ``modules`` takes the code path of a
-    long input: each conv runs on oneDNN, and each ELU is split over all ``threads``.
-
-    An elementwise op runs on ``min(threads, ceil(n / ELEMENTWISE_GRAIN))`` threads, each
-    over one contiguous chunk whose last ``chunk % 16`` elements take a scalar path that,
-    for ELU, rounds differently. With all threads busy the chunks of a ``[B, C, T]`` tensor
-    follow channel boundaries (for thread counts dividing ``C``), so these few elements sit
-    at the end of the time axis in both passes; with fewer threads they could fall
-    anywhere. ``scale`` is positions per input position at each layer (strides shrink it,
-    transposed strides grow it); padding is ignored, which only errs on the safe side.
-    """
-    need = 1
-    scale = Fraction(1)  # exact: a float 1/40 could round a width onto the threshold
-    after_elu = False
-    elu_elements = (threads - 1) * ELEMENTWISE_GRAIN + 1
-
-    def require(channels: int, elements: int) -> None:
-        nonlocal need
-        need = max(need, math.ceil(elements / (channels * scale)))
-
-    def visit(module: nn.Module) -> None:
-        nonlocal scale, after_elu
-        if isinstance(module, nn.ELU):
-            after_elu = True
-            return
-        if isinstance(module, SEANetResnetBlock):
-            for inner in module.block:
-                visit(inner)
-            after_elu = False  # the shortcut reads the block's input, not an ELU's output
-            visit(module.shortcut)
-        elif isinstance(module, (SConv1d, SConvTranspose1d)):
-            conv = module.conv.conv if isinstance(module, SConv1d) else module.convtr.convtr
-            require(conv.in_channels, ONEDNN_MIN_ELEMENTS + 1)
-            if after_elu:  # the ELU's output is this conv's input
-                require(conv.in_channels, elu_elements)
-            if isinstance(module, SConv1d):
-                scale /= module.stride
-            else:
-                scale *= module.stride
-        after_elu = False
-
-    for m in modules:
-        visit(m)
-    return need
-
-
-def _split_at_lstm(seq: nn.Sequential) -> tuple[list[nn.Module], SLSTM | None, list[nn.Module]]:
-    """(modules before the LSTM, the LSTM, modules after it); no LSTM puts all before."""
-    layers = list(seq)
-    for i, layer in enumerate(layers):
-        if isinstance(layer, SLSTM):
-            return layers[:i], layer, layers[i + 1:]
-    return layers, None, []
-
-
-def _run(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    # ELUs in place on fresh outputs, as in the whole-file pass (same bits, less traffic).
-    return run_layers(modules, x)
-
-
-def _lstm_step(slstm: SLSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
-               last: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """:class:`SLSTM` on ``x`` ``[B, C, T]`` continuing from ``state`` -> (``[T, B, C]``, state).
-
-    The same ops as its forward (which returns the ``[B, C, T]`` view of this). The last
-    chunk may be short; it is zero-padded to :data:`MIN_ROWS` steps (the LSTM is causal,
-    so the real steps are unchanged) and the returned state is then meaningless.
-    """
-    xt = x.permute(2, 0, 1).contiguous()  # [T, B, C]
-    steps = xt.shape[0]
-    inp = xt
-    if steps < MIN_ROWS:
-        if not last:
-            raise RuntimeError("internal error: short LSTM chunk before the end")
-        inp = torch.cat([xt, xt.new_zeros(MIN_ROWS - steps, *xt.shape[1:])])
-    y, new_state = slstm.lstm(inp, state)
-    y = y[:steps]
-    if slstm.skip:
-        y = y + xt
-    return y, new_state
-
-
-def _with_history(hist: torch.Tensor | None, new: torch.Tensor, keep: int, use: int, dim: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the last ``use`` steps of ``hist`` followed by ``new``, the last ``keep`` steps of both).
-
-    ``dim`` is the time axis. A full block needs only the layers' reach as history; a
-    short last block takes more, so that its calls are as wide as a full block's.
-    """
-    full = new if hist is None else torch.cat([hist, new], dim=dim)
-    length = full.shape[dim]
-    used = length if hist is None else min(hist.shape[dim], use) + new.shape[dim]
-    # The kept steps are copied, so that the block they came from can be freed.
-    kept = full.narrow(dim, max(0, length - keep), min(keep, length)).clone()
-    return full.narrow(dim, length - used, used), kept
-
-
-def _history_to_use(reach: int, history: int, frames: int, final: bool) -> int:
-    """Steps of history to put before ``frames`` new ones: the layers' ``reach``; for a
-    short last block, enough more that the call is ``history`` wide (full-size calls) but
-    no wider (a block's activations set the peak memory)."""
-    return max(reach, history - frames) if final else reach
 
 
 def _check_seconds(**lengths: float) -> None:
@@ -310,30 +152,6 @@ def _segments_per_pass(model: EncodecModel) -> int:
     return max(1, int(getattr(model, "DEFAULT_BATCH_SEGMENTS", 1)))
 
 
-class _Runs:
-    """Consecutive runs of at most ``limit`` items with equal ``key``, formed greedily in
-    order, as the model batches segments; a run is handed out as soon as it is closed."""
-
-    def __init__(self, limit: int, key: Callable[[Any], Any]) -> None:
-        self.limit = limit
-        self.key = key
-        self.items: list[Any] = []
-
-    def add(self, item: Any) -> list[list[Any]]:
-        """Append ``item``; return the runs this closes (zero, one or two)."""
-        closed = []
-        if self.items and self.key(self.items[0]) != self.key(item):
-            closed.append(self.close_run())
-        self.items.append(item)
-        if len(self.items) >= self.limit:
-            closed.append(self.close_run())
-        return closed
-
-    def close_run(self) -> list[Any]:
-        run, self.items = self.items, []
-        return run
-
-
 # --------------------------------------------------------------------------- encoder
 
 
@@ -350,8 +168,7 @@ class StreamingEncoder:
                  block_seconds: float = DEFAULT_BLOCK_SECONDS,
                  chunk_seconds: float = DEFAULT_CHUNK_SECONDS) -> None:
         _streamable(model)
-        if not 1 <= num_codebooks <= model.max_codebooks:
-            raise ModelError(f"{model.name} has {model.max_codebooks} codebooks, asked for {num_codebooks}")
+        model.check_num_codebooks(num_codebooks)
         _check_seconds(block_seconds=block_seconds, chunk_seconds=chunk_seconds)
         self.model = model
         self.num_codebooks = num_codebooks
@@ -367,23 +184,23 @@ class StreamingEncoder:
         self._hist: torch.Tensor | None = None
         self._feats: list[torch.Tensor] = []  # exact stack outputs not yet past the LSTM
         self._feat_frames = 0
-        self._run_pieces = _Runs(_segments_per_pass(model), lambda w: tuple(w.shape))
+        self._run_pieces = Runs(_segments_per_pass(model), audio_key)
         if self._seg_len is not None:
             return
         hop = model.hop_length
         self._hop = hop
-        threads = torch.get_num_threads()  # window sizes depend on it (see _min_input_width)
-        self._stack, self._lstm, self._tail = _split_at_lstm(model.require("encoder").model)
+        threads = torch.get_num_threads()  # window sizes depend on it (see min_input_width)
+        self._stack, self._lstm, self._tail = split_at_lstm(model.require("encoder").model)
         # Input context (whole frames, so strided layers stay aligned) and the smallest
         # window, in samples, that keeps every conv of the first part on oneDNN.
-        self._context = _left_context(self._stack) * hop
-        self._min_window = -(-_min_input_width(self._stack, threads) // hop) * hop
-        tail_reach = _left_context(self._tail)
+        self._context = left_context(self._stack) * hop
+        self._min_window = -(-min_input_width(self._stack, threads) // hop) * hop
+        tail_reach = left_context(self._tail)
         self._tail_reach = tail_reach
         # LSTM outputs kept for the tail: its reach, plus enough frames that a one-frame
         # final block still gives the tail convs and the quantiser full-size calls.
-        self._history = tail_reach + max(_min_input_width(self._tail, threads), MIN_ROWS)
-        min_block = max(-(-self._min_window // hop), _min_input_width(self._tail, threads), MIN_ROWS,
+        self._history = tail_reach + max(min_input_width(self._tail, threads), MIN_ROWS)
+        min_block = max(-(-self._min_window // hop), min_input_width(self._tail, threads), MIN_ROWS,
                         tail_reach + 1)
         self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
         # The layers from the LSTM on run on chunks of this many frames.
@@ -476,7 +293,7 @@ class StreamingEncoder:
 
     def _encode_run(self, run: list[torch.Tensor]) -> list[EncodedSegment]:
         if len(run) > 1:
-            return self.model.encode_segments(run, self.num_codebooks)  # type: ignore[attr-defined]
+            return self.model.encode_segments(run, self.num_codebooks)
         return [self.model.encode_segment(w, self.num_codebooks) for w in run]
 
     def _stack_block(self, frames: int, final: bool) -> None:
@@ -487,7 +304,7 @@ class StreamingEncoder:
         end = self.num_samples if final else (a + frames) * hop
         # Left context for exactness, widened (on frame boundaries) to the minimum window.
         start = max(0, min(a * hop - self._context, (end - self._min_window) // hop * hop))
-        feats = _run(self._stack, self._buf.read(start, end))
+        feats = run_layers(self._stack, self._buf.read(start, end))
         # A copy of the exact frames, so that the rest of the window can be freed.
         self._feats.append(feats[..., -frames:].clone() if feats.shape[-1] > frames else feats)
         self._feat_frames += frames
@@ -505,16 +322,16 @@ class StreamingEncoder:
         """Codes of the next ``frames`` waiting frames; ``final`` when they are the last."""
         feats = self._take_feats(frames)
         spoilt = 0 if self._hist is None else self._tail_reach
-        use = _history_to_use(self._tail_reach, self._history, frames, final)
+        use = history_to_use(self._tail_reach, self._history, frames, final)
         if self._lstm is None:
-            latent, self._hist = _with_history(self._hist, feats, self._history, use, dim=-1)
-            latent = _run(self._tail, latent)
+            latent, self._hist = with_history(self._hist, feats, self._history, use, dim=-1)
+            latent = run_layers(self._tail, latent)
         else:
-            y, self._state = _lstm_step(self._lstm, feats, self._state, last=final)
+            y, self._state = lstm_step(self._lstm, feats, self._state, last=final)
             # Time-major, so that the layers after the LSTM see the memory layout they see
             # in the whole-file pass (an ELU's scalar tail rounds differently).
-            z, self._hist = _with_history(self._hist, y, self._history, use, dim=0)
-            latent = _run(self._tail, z.permute(1, 2, 0))
+            z, self._hist = with_history(self._hist, y, self._history, use, dim=0)
+            latent = run_layers(self._tail, z.permute(1, 2, 0))
         # The quantiser gets at least MIN_ROWS frames (recomputing some already sent) when
         # there are that many exact ones: leading frames spoilt by the window start are not.
         rows = min(latent.shape[-1] - spoilt, max(frames, MIN_ROWS))
@@ -542,8 +359,7 @@ class StreamingDecoder:
         self._seg_stride = model.segment_stride
         # segmented: overlap-add state
         self._index = 0  # segments overlap-added
-        self._run_segments = _Runs(_segments_per_pass(model),
-                                   lambda g: (tuple(g.codes.shape), g.scale is None, g.codes.device))
+        self._run_segments = Runs(_segments_per_pass(model), codes_key)
         self._weight: torch.Tensor | None = None
         self._acc: torch.Tensor | None = None  # weighted sum from _emitted on
         self._wsum: torch.Tensor | None = None
@@ -564,20 +380,20 @@ class StreamingDecoder:
         hop = model.hop_length
         self._hop = hop
         threads = torch.get_num_threads()
-        self._pre, self._lstm, self._post = _split_at_lstm(model.require("decoder").model)
+        self._pre, self._lstm, self._post = split_at_lstm(model.require("decoder").model)
         if self._lstm is None:  # no LSTM: everything is after the (absent) pivot
             self._pre, self._post = [], self._pre
-        self._pre_reach = _left_context(self._pre)
-        post_samples = _left_context(self._post)
+        self._pre_reach = left_context(self._pre)
+        post_samples = left_context(self._post)
         self._post_reach = -(-post_samples // hop)
         # Frames kept before each part: its reach, plus enough that a one-frame final
         # block still makes full-size calls. Without an LSTM the latents feed everything.
-        self._post_history = self._post_reach + _min_input_width(self._post, threads)
-        self._pre_history = self._pre_reach + _min_input_width(self._pre, threads)
+        self._post_history = self._post_reach + min_input_width(self._post, threads)
+        self._pre_history = self._pre_reach + min_input_width(self._pre, threads)
         # The layers after the LSTM run on blocks of this many frames; the quantiser, the
         # LSTM and the layers before it on chunks. Each has its own smallest full size.
-        min_block = max(_min_input_width(self._post, threads), MIN_ROWS, self._post_reach + 1)
-        min_chunk = max(_min_input_width(self._pre, threads), MIN_ROWS, self._pre_reach + 1)
+        min_block = max(min_input_width(self._post, threads), MIN_ROWS, self._post_reach + 1)
+        min_chunk = max(min_input_width(self._pre, threads), MIN_ROWS, self._pre_reach + 1)
         self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
         self.chunk_frames = max(min_chunk, round(chunk_seconds * model.frame_rate))
 
@@ -674,11 +490,11 @@ class StreamingDecoder:
         if self._lstm is None:
             self._mid.append(lat)
         else:
-            x, self._lat_hist = _with_history(self._lat_hist, lat, self._pre_history,
-                                              _history_to_use(self._pre_reach, self._pre_history, frames, final),
-                                              dim=-1)
-            z = _run(self._pre, x)[..., -frames:]
-            y, self._state = _lstm_step(self._lstm, z, self._state, last=final)
+            x, self._lat_hist = with_history(self._lat_hist, lat, self._pre_history,
+                                             history_to_use(self._pre_reach, self._pre_history, frames, final),
+                                             dim=-1)
+            z = run_layers(self._pre, x)[..., -frames:]
+            y, self._state = lstm_step(self._lstm, z, self._state, last=final)
             self._mid.append(y)
         self._mid_frames += frames
         self._decoded += frames
@@ -690,15 +506,15 @@ class StreamingDecoder:
         y, rest = mid.narrow(dim, 0, frames), mid.narrow(dim, frames, mid.shape[dim] - frames)
         self._mid = [rest] if rest.shape[dim] else []
         self._mid_frames -= frames
-        y_all, self._y_hist = _with_history(self._y_hist, y, self._post_history,
-                                            _history_to_use(self._post_reach, self._post_history, frames, final),
-                                            dim=dim)
+        y_all, self._y_hist = with_history(self._y_hist, y, self._post_history,
+                                           history_to_use(self._post_reach, self._post_history, frames, final),
+                                           dim=dim)
         z = y_all if self._lstm is None else y_all.permute(1, 2, 0)
-        return _run(self._post, z)[..., -frames * self._hop:]
+        return run_layers(self._post, z)[..., -frames * self._hop:]
 
     def _decode_run(self, run: list[EncodedSegment]) -> list[torch.Tensor]:
         if len(run) > 1:
-            return self.model.decode_segments(run)  # type: ignore[attr-defined]
+            return self.model.decode_segments(run)
         return [self.model.decode_segment(seg) for seg in run]
 
     def _overlap_add(self, frame: torch.Tensor | None) -> torch.Tensor:
