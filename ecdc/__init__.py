@@ -15,12 +15,11 @@ from .codec import (  # noqa: E402
     Codec,
     EncodedAudio,
     compress,
-    compress_file,
     decompress,
-    decompress_file,
     load_model,
     load_model_for,
 )
+from .convert import compress_file, decompress_file  # noqa: E402
 from .errors import EcdcError  # noqa: E402
 
 __all__ = [

@@ -1,88 +1,61 @@
-"""The ``ecdc`` command line: argument checking and messages; the codec logic lives elsewhere."""
+"""The ``ecdc`` command line: click glue around :mod:`ecdc.convert` and :mod:`ecdc.batch`;
+what messages say is :mod:`ecdc.messages`'s."""
 
 from __future__ import annotations
 
 import functools
-import io
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, NoReturn, Sequence
 
 import click
 
 from . import __version__, batch
-from .codec import STEREO_CHOICES, Codec, load_model
+from .codec import STEREO_CHOICES, DownloadFn
 from .container import StereoMode
-from .errors import EcdcError
+from .convert import (
+    CodecCache,
+    Compression,
+    CompressOptions,
+    Conversion,
+    Decompression,
+    DecompressOptions,
+    ModelChoice,
+    check_input,
+    read_encoded,
+    require_stream,
+)
+from .messages import PathError, emit, messages_lost, run_reporting
 from .models.encodec import format_kbps
-
-STDIO = "-"
-
-
-class CliError(Exception):
-    """A one-line failure tied to a file: printed as ``ecdc: error: FILE: message``."""
-
-    def __init__(self, where: str, message: str):
-        super().__init__(message)
-        self.where = where
+from .pool import interrupts_as_keyboard
+from .streams import STDIO
 
 
 def _fail(where: str, message: str) -> NoReturn:
-    raise CliError(where, message)
+    raise PathError(where, message)
 
 
-def _report_errors(func: Callable) -> Callable:
-    """Turn expected failures into one line on stderr and a non-zero exit; never a traceback."""
+def _report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command under :func:`~ecdc.messages.run_reporting`: expected failures become one
+    line on stderr and a non-zero exit, never a traceback; the command's one input is the
+    file such lines name."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         inputs = kwargs.get("inputs") or (kwargs.get("input_path"),)
         where = inputs[0] if len(inputs) == 1 and inputs[0] else ""
-        try:
-            result = func(*args, **kwargs)
-            if batch.messages_lost():
-                sys.exit(1)  # something to report could not be shown (stderr closed)
-            return result
-        except CliError as exc:
-            _print_error(exc.where, str(exc))
-        except EcdcError as exc:
-            _print_error(where, str(exc))
-        except BrokenPipeError:
-            # The reader went away (e.g. `| head`): stop quietly, as tools killed by SIGPIPE do.
-            _silence_stdout()
-            sys.exit(141)
-        except MemoryError:
-            _print_error(where, "out of memory")
-        except OSError as exc:
-            _print_error(getattr(exc, "filename", None) or where, exc.strerror or str(exc))
-        except KeyboardInterrupt:
-            batch.emit("ecdc: interrupted", sys.stderr)
-            sys.exit(batch.EXIT_INTERRUPTED)
-        sys.exit(1)
+        return run_reporting(lambda: func(*args, **kwargs), where)
 
     return wrapper
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
-
-
-def _print_error(where: str, message: str) -> None:
-    batch.emit(batch.error_line(where, message), sys.stderr)
 
 
 def _hold_closed_descriptors() -> None:
     """Put /dev/null on standard descriptors closed at startup (``<&-``, ``>&-``, ``2>&-``).
 
     Python leaves that ``sys`` stream None, which the commands check before using it
-    (:func:`_require_stream`). The placeholder stops the next file ecdc opens from
-    becoming descriptor 0, 1 or 2, where a library writing to "stderr" would hit it.
+    (:func:`~ecdc.convert.require_stream`). The placeholder stops the next file ecdc opens
+    from becoming descriptor 0, 1 or 2, where a library writing to "stderr" would hit it.
     """
     for fd, stream, flags in ((0, sys.stdin, os.O_RDONLY), (1, sys.stdout, os.O_WRONLY),
                               (2, sys.stderr, os.O_WRONLY)):
@@ -102,49 +75,13 @@ def _hold_closed_descriptors() -> None:
             pass
 
 
-def _require_stream(stream: object, name: str) -> None:
-    """Refuse a closed standard stream (Python has None for it) in one line, not a traceback."""
-    if stream is None:
-        _fail("", f"standard {name} is closed")
-
-
-def _check_output(input_path: str, output: str, force: bool) -> None:
-    if output == STDIO:
-        _require_stream(sys.stdout, "output")
-        if sys.stdout.isatty():
-            _fail(output, "refusing to write binary data to a terminal; redirect it or pass -o FILE")
-        return
-    if input_path != STDIO and os.path.exists(output) and os.path.samefile(input_path, output):
-        _fail(output, "output is the input file; choose another -o")
-    if os.path.isdir(output):
-        _fail(output, "output is a directory")
-    if os.path.exists(output) and not force:
-        _fail(output, "output exists (use -f to overwrite)")
-
-
-def _check_input(input_path: str) -> None:
-    if input_path == STDIO:
-        _require_stream(sys.stdin, "input")
-        return
-    if not os.path.exists(input_path):
-        _fail(input_path, "no such file")
-    if os.path.isdir(input_path):
-        _fail(input_path, "is a directory (use -r to convert the files in it)")
-    if not os.access(input_path, os.R_OK):
-        _fail(input_path, "permission denied")
-
-
-def _load(model: Optional[str], checkpoint: Optional[str], device: str) -> Codec:
-    return load_model(model, device=device, checkpoint=checkpoint, progress=_download_progress())
-
-
-def _download_progress() -> Optional[Callable[[int, Optional[int]], None]]:
+def _download_progress() -> DownloadFn | None:
     """A tqdm bar for first-use weight downloads, shown only on a terminal."""
     if not batch.progress_enabled(False, sys.stderr):  # also when stderr is closed
         return None
     bar = None
 
-    def update(done: int, total: Optional[int]) -> None:
+    def update(done: int, total: int | None) -> None:
         nonlocal bar
         if bar is None:
             from tqdm import tqdm
@@ -189,6 +126,15 @@ force_option = click.option("-f", "--force", is_flag=True,
                                   help="Overwrite existing outputs (with several inputs they are skipped otherwise).")
 
 
+def _conversion_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that ``compress`` and ``decompress`` end with, in their --help order,
+    around the command run under :func:`_report_errors`."""
+    func = _report_errors(func)
+    for option in (quiet_option, jobs_option, recursive_option, force_option, device_option):
+        func = option(func)
+    return func
+
+
 @main.command()
 @click.argument("inputs", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--output", metavar="OUTPUT",
@@ -200,33 +146,13 @@ force_option = click.option("-f", "--force", is_flag=True,
 @checkpoint_option
 @click.option("--stereo", type=click.Choice(STEREO_CHOICES), default=None,
               help="Multi-channel input with a mono model: downmix (default) or dual (each channel coded, 2x bits).")
-@device_option
-@force_option
-@recursive_option
-@jobs_option
-@quiet_option
-@_report_errors
-def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, model: Optional[str],
-             checkpoint: Optional[str], stereo: Optional[str], device: str, force: bool, recursive: bool,
+@_conversion_options
+def compress(inputs: tuple[str, ...], output: str | None, bandwidth: float, model: str | None,
+             checkpoint: str | None, stereo: str | None, device: str, force: bool, recursive: bool,
              jobs: int, quiet: bool) -> None:
     """Compress audio files (wav, flac, ogg, ...; - for stdin) or directories (-r) to .ecdc."""
-    options = batch.CompressOptions(bandwidth, stereo)
-    choice = batch.ModelChoice(model, checkpoint, device)
-    single = not batch.is_batch(inputs, recursive)
-    if single:
-        src = inputs[0]
-        dst = batch.single_output(src, output, batch.ECDC_EXTENSION)
-        _check_input(src)
-        _check_output(src, dst, force)
-    codec = _load(model, checkpoint, device)  # once, before any worker starts (downloads too)
-    codec.model.num_codebooks(bandwidth)  # reject a bad -b before reading any audio
-    codec.model.release_unused("encode")  # this process never decodes
-    cache = batch.CodecCache(choice, preloaded=codec, kind=batch.COMPRESS)
-    if single:
-        with batch.interrupts_as_keyboard():
-            batch.convert_single(batch.COMPRESS, cache, src, dst, options, quiet, overwrite=force)
-        return
-    _run_batch(batch.COMPRESS, inputs, output, recursive, force, options, choice, jobs, quiet, cache)
+    codecs = CodecCache(ModelChoice(model, checkpoint, device), _download_progress(), only="encode")
+    _convert(Compression(codecs, CompressOptions(bandwidth, stereo)), inputs, output, recursive, force, jobs, quiet)
 
 
 @main.command()
@@ -248,44 +174,37 @@ def compress(inputs: Tuple[str, ...], output: Optional[str], bandwidth: float, m
                    "ask for hours of it; inf: as much as the damaged file proves).")
 @model_option
 @checkpoint_option
-@device_option
-@force_option
-@recursive_option
-@jobs_option
-@quiet_option
-@_report_errors
-def decompress(inputs: Tuple[str, ...], output: Optional[str], sample_rate: Optional[int], channels: Optional[int],
-               raw: bool, salvage: bool, max_silence: Optional[float], model: Optional[str],
-               checkpoint: Optional[str], device: str, force: bool, recursive: bool, jobs: int,
+@_conversion_options
+def decompress(inputs: tuple[str, ...], output: str | None, sample_rate: int | None, channels: int | None,
+               raw: bool, salvage: bool, max_silence: float | None, model: str | None,
+               checkpoint: str | None, device: str, force: bool, recursive: bool, jobs: int,
                quiet: bool) -> None:
     """Decompress .ecdc files (ecdc's or Meta's; - for stdin) or directories (-r) to 16-bit wav."""
-    options = batch.DecompressOptions(sample_rate, channels, raw, salvage, max_silence)
-    choice = batch.ModelChoice(model, checkpoint, device)
-    cache = batch.CodecCache(choice, progress=_download_progress(), kind=batch.DECOMPRESS)
+    codecs = CodecCache(ModelChoice(model, checkpoint, device), _download_progress(), only="decode")
+    options = DecompressOptions(sample_rate, channels, raw, salvage, max_silence)
+    _convert(Decompression(codecs, options), inputs, output, recursive, force, jobs, quiet)
+
+
+def _convert(conversion: Conversion, inputs: Sequence[str], output: str | None, recursive: bool, force: bool,
+             jobs: int, quiet: bool) -> None:
+    """The body of ``compress`` and ``decompress``: one input (a file or -), or a batch."""
     if not batch.is_batch(inputs, recursive):
         src = inputs[0]
-        dst = batch.single_output(src, output, options.suffix)
-        _check_input(src)
-        _check_output(src, dst, force)
-        with batch.interrupts_as_keyboard():
-            batch.convert_single(batch.DECOMPRESS, cache, src, dst, options, quiet, overwrite=force)
+        dst = batch.single_output(src, output, conversion.suffix)
+        conversion.check(src, dst, force)
+        conversion.preload(batch=False)
+        with interrupts_as_keyboard():
+            batch.convert_single(conversion, src, dst, quiet, overwrite=force)
         return
-    if choice.named:
-        cache.default()  # load (and download) once, and fail early on a bad --model
-    _run_batch(batch.DECOMPRESS, inputs, output, recursive, force, options, choice, jobs, quiet, cache)
-
-
-def _run_batch(kind: str, inputs: Sequence[str], output: Optional[str], recursive: bool, force: bool,
-               options: batch.Options, choice: batch.ModelChoice, jobs: int, quiet: bool,
-               cache: batch.CodecCache) -> NoReturn:
+    conversion.preload(batch=True)
     if output == STDIO:
         _fail(STDIO, "-o - (stdout) takes a single input file")
-    plan = batch.plan_batch(kind, inputs, output, recursive, force, options)
-    with batch.interrupts_as_keyboard():
-        summary = batch.run_batch(kind, plan, choice, options, jobs, quiet, codecs=cache)
+    plan = batch.plan_batch(conversion.kind, inputs, output, recursive, force, conversion.options)
+    with interrupts_as_keyboard():
+        summary = batch.run_batch(conversion, plan, jobs, quiet)
     if not quiet:
-        batch.emit(summary.line(), sys.stderr)
-    sys.exit(1 if summary.failed or batch.messages_lost() else 0)
+        emit(summary.line(), sys.stderr)
+    sys.exit(1 if summary.failed or messages_lost() else 0)
 
 
 @main.command()
@@ -293,9 +212,9 @@ def _run_batch(kind: str, inputs: Sequence[str], output: Optional[str], recursiv
 @_report_errors
 def info(input_path: str) -> None:
     """Show what a .ecdc file holds (reads and checks the whole file)."""
-    _check_input(input_path)
-    _require_stream(sys.stdout, "output")
-    encoded, size = batch.read_encoded(input_path)
+    check_input(input_path)
+    require_stream(sys.stdout, "output")
+    encoded, size = read_encoded(input_path)
     h = encoded.header
     duration = encoded.num_samples / h.sample_rate
     streams = 2 if h.stereo_mode == StereoMode.DUAL else 1
@@ -330,8 +249,8 @@ def info(input_path: str) -> None:
 @device_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_report_errors
-def train(config_path: Optional[str], run_dir: str, overrides: tuple, resume: bool, max_steps: Optional[int],
-          max_minutes: Optional[float], device: str, quiet: bool) -> None:
+def train(config_path: str | None, run_dir: str, overrides: tuple, resume: bool, max_steps: int | None,
+          max_minutes: float | None, device: str, quiet: bool) -> None:
     """Train a codec (run under torchrun for several GPUs). See docs/TRAINING.md."""
     from .train.config import load_config
     from .train.loop import CONFIG_FILE, MODEL_FILE, Trainer
@@ -353,7 +272,7 @@ def models() -> None:
     """List the models ecdc knows by name: the default first, then its releases, then the rest."""
     from .weights import aliases, available_models, default_model, release_history
 
-    _require_stream(sys.stdout, "output")
+    require_stream(sys.stdout, "output")
 
     def line(name: str, spec, extra: str = "") -> str:
         cfg = spec.config
@@ -367,9 +286,9 @@ def models() -> None:
         click.echo(line(default, specs[target], f" (default, = {target})"))
     releases = release_history()
     if default is not None:  # the default's family first
-        releases.sort(key=lambda s: s.release["family"] != default)
+        releases.sort(key=lambda s: s.release is None or s.release["family"] != default)
     for spec in releases:
-        info = spec.release
+        info = spec.release or {}  # a release's spec always has its entry
         when = f", released {info['released']}" if info.get("released") else ""
         click.echo(line(spec.config.name, spec, f" (release {info['version']} of {info['family']}{when})"))
     for name, spec in sorted(specs.items()):

@@ -2,42 +2,35 @@
 
 The model works at its own rate and channel count on torch tensors; the container holds
 numpy codes; this module converts between the user's audio and both, and records in
-the header what is needed to give the user back what went in.
+the header what is needed to give the user back what went in. Converting files (paths,
+pipes, atomic outputs) is :mod:`ecdc.convert`'s, one layer up; ``compress_file`` and
+``decompress_file`` are still importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import errno
-import functools
 import io
 import itertools
 import os
-import secrets
-import stat
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import soxr
 import torch
 
-from . import audio
+from . import audio, weights
 from .container import CodeChunk, EcdcHeader, EcdcReader, EcdcWriter, Gap, StereoMode
-from .errors import AudioError, FormatError, ModelError, OutputError
+from .devices import resolve_device
+from .errors import AudioError, FormatError, ModelError
 from .models.encodec import EncodecModel, EncodedSegment
 from .models.streaming import StreamingDecoder, StreamingEncoder
-from .wavstream import ArraySource, AudioSource, WavStreamWriter, open_audio_file
-from . import weights
+from .pipeline import Chunker, LengthFitter, flat, resample_chunk, silence
+from .wavstream import ArraySource, AudioSource
 from .weights import load_weights
 
 STEREO_CHOICES = ("downmix", "dual")
-_SILENCE_BLOCK = 1 << 16  # samples of silence per block for a salvaged gap (a gap may be days long)
 # Most samples x channels in one block of decoded audio, before and after resampling and
 # channel conversion: a header may ask for 1024 channels at 1 MHz (41.7 times the model's
 # rate), so blocks are sized from the output format, not the input (4 MiB of float32).
@@ -48,27 +41,15 @@ _PUSH_FRAMES = 1024
 UNKNOWN_FINGERPRINT = bytes(16)
 
 
-def resolve_device(device: str = "cpu") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("CUDA was requested but no CUDA device is available (use --device cpu)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise ModelError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
-
-
 @dataclass
 class EncodedAudio:
     """Everything a .ecdc file holds, in memory."""
 
     header: EcdcHeader
-    chunks: List[CodeChunk] = field(default_factory=list)
+    chunks: list[CodeChunk] = field(default_factory=list)
     num_samples: int = 0
     #: the input's length at header.original_sample_rate (None: unknown)
-    original_samples: Optional[int] = None
+    original_samples: int | None = None
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -83,7 +64,11 @@ class EncodedAudio:
 
     @classmethod
     def read(cls, fileobj: BinaryIO) -> "EncodedAudio":
-        reader = EcdcReader(fileobj)
+        return cls.from_reader(EcdcReader(fileobj))
+
+    @classmethod
+    def from_reader(cls, reader: EcdcReader) -> "EncodedAudio":
+        """All of what ``reader`` holds, read to its end marker (strict: any damage raises)."""
         chunks = list(reader)
         total = reader.total_samples
         if total is None:
@@ -101,6 +86,9 @@ class EncodedAudio:
 
 ProgressFn = Callable[[float], None]
 """Called with the seconds of audio just processed (an increment), for progress bars."""
+
+DownloadFn = Callable[[int, int | None], None]
+"""Called with the bytes of weights downloaded so far and the total (None: unknown)."""
 
 
 @dataclass
@@ -134,7 +122,7 @@ class Codec:
     exactly the codes and samples that :meth:`compress_stream`/:meth:`decode_blocks` do.
     """
 
-    def __init__(self, model: EncodecModel, fingerprint: bytes, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, model: EncodecModel, fingerprint: bytes, device: str | torch.device = "cpu"):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.fingerprint = fingerprint
@@ -152,13 +140,23 @@ class Codec:
         return self.model.channels
 
     @property
-    def bandwidths(self) -> Tuple[float, ...]:
+    def bandwidths(self) -> tuple[float, ...]:
         return tuple(self.model.bandwidths)
+
+    def check_bandwidth(self, bandwidth: float) -> None:
+        """Refuse a bandwidth this model does not code at, naming the ones it does, so that a
+        bad ``-b`` fails before any audio is read."""
+        self.model.num_codebooks(bandwidth)
+
+    def release_unused(self, keep: str) -> None:
+        """Keep only the half one direction needs (``"encode"`` or ``"decode"``): a process
+        that converts one way has a smaller peak memory; this codec cannot go the other way."""
+        self.model.release_unused(keep)
 
     # -- encoding -------------------------------------------------------------------
 
     def encode(self, wav: np.ndarray, sample_rate: int, bandwidth: float = 6.0,
-               stereo: Optional[str] = None) -> EncodedAudio:
+               stereo: str | None = None) -> EncodedAudio:
         """Encode ``[C, T]`` (or ``[T]``) float audio at any rate and channel count.
 
         ``stereo`` applies to mono models given multi-channel input: ``downmix`` (default)
@@ -166,8 +164,8 @@ class Codec:
         two) separately at twice the bitrate.
         """
         source = ArraySource(wav, int(sample_rate))
-        header: Optional[EcdcHeader] = None
-        chunks: List[CodeChunk] = []
+        header: EcdcHeader | None = None
+        chunks: list[CodeChunk] = []
         totals = _Totals(0, 0)
         for item in self._encode_events(source, bandwidth, stereo):
             if isinstance(item, EcdcHeader):
@@ -176,22 +174,25 @@ class Codec:
                 chunks.append(item)
             else:
                 totals = item
+        assert header is not None, "the encoder yields its header first"
         # In memory the length is known, so the header carries it too.
         header = dataclasses.replace(header, num_samples=totals.num_samples)
         return EncodedAudio(header, chunks, totals.num_samples, totals.original_samples)
 
     def compress_stream(self, source: AudioSource, out: BinaryIO, bandwidth: float = 6.0,
-                        stereo: Optional[str] = None, progress: Optional[ProgressFn] = None) -> StreamResult:
+                        stereo: str | None = None, progress: ProgressFn | None = None,
+                        keep: list[CodeChunk] | None = None) -> StreamResult:
         """Encode ``source`` block by block into a .ecdc stream written to ``out``.
 
         The header goes out first (its sample count "unknown"; the end marker carries it)
         and every chunk is written and flushed as soon as its frames are coded, so ``out``
-        can be a pipe that a reader consumes while the input is still arriving.
+        can be a pipe that a reader consumes while the input is still arriving. Each chunk
+        written is also appended to ``keep`` when given (codes are about 0.1 % of the PCM size).
         """
-        return _write_stream(self._encode_events(source, bandwidth, stereo, progress), out)
+        return _write_stream(self._encode_events(source, bandwidth, stereo, progress), out, keep)
 
-    def _encode_events(self, source: AudioSource, bandwidth: float, stereo: Optional[str],
-                       progress: Optional[ProgressFn] = None) -> Iterator[Union[EcdcHeader, CodeChunk, _Totals]]:
+    def _encode_events(self, source: AudioSource, bandwidth: float, stereo: str | None,
+                       progress: ProgressFn | None = None) -> Iterator[EcdcHeader | CodeChunk | _Totals]:
         """The one encoding pipeline: yields the header, then code chunks, then the totals."""
         num_codebooks = self.model.num_codebooks(bandwidth)
         in_rate = int(source.sample_rate)
@@ -219,7 +220,7 @@ class Codec:
             resampler = soxr.ResampleStream(in_rate, self.sample_rate, coded_channels,
                                             dtype="float32", quality="HQ")
         encoder = None
-        chunker = _Chunker(max(1, int(np.ceil(self.model.frame_rate))), self.model.segment_length is not None)
+        chunker = Chunker(max(1, int(np.ceil(self.model.frame_rate))), self.model.segment_length is not None)
         original = total = 0
 
         def feed(coded: np.ndarray) -> Iterator[CodeChunk]:
@@ -243,12 +244,12 @@ class Codec:
             original += block.shape[-1]
             coded = block if coded_channels == block.shape[0] else audio.to_channels(block, coded_channels)
             if resampler is not None:
-                coded = _resample_chunk(resampler, coded, last=False)
+                coded = resample_chunk(resampler, coded, last=False)
             yield from feed(coded)
             if progress is not None:
                 progress(block.shape[-1] / in_rate)
         if resampler is not None and original:
-            yield from feed(_resample_chunk(resampler, np.zeros((coded_channels, 0), np.float32), last=True))
+            yield from feed(resample_chunk(resampler, np.zeros((coded_channels, 0), np.float32), last=True))
         if encoder is not None:
             with torch.inference_mode():
                 segments = encoder.flush()
@@ -258,15 +259,15 @@ class Codec:
 
     # -- decoding -------------------------------------------------------------------
 
-    def output_format(self, header: EcdcHeader, sample_rate: Optional[int] = None,
-                      channels: Optional[int] = None) -> Tuple[int, int]:
+    def output_format(self, header: EcdcHeader, sample_rate: int | None = None,
+                      channels: int | None = None) -> tuple[int, int]:
         """(rate, channels) a decode gives: the original input's unless overridden."""
         rate = int(sample_rate or header.original_sample_rate or header.sample_rate)
         chans = int(channels or header.original_channels or header.channels)
         return rate, chans
 
-    def decode(self, encoded: EncodedAudio, sample_rate: Optional[int] = None,
-               channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    def decode(self, encoded: EncodedAudio, sample_rate: int | None = None,
+               channels: int | None = None) -> tuple[np.ndarray, int]:
         """Decode to ``[C, T]`` float32 at the original rate and channel count (or those given)."""
         rate, chans = self.output_format(encoded.header, sample_rate, channels)
         blocks = list(self.decode_blocks(encoded, sample_rate, channels))
@@ -274,8 +275,8 @@ class Codec:
             return np.zeros((chans, 0), dtype=np.float32), rate
         return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32), rate
 
-    def decode_blocks(self, encoded: Union[EcdcReader, EncodedAudio], sample_rate: Optional[int] = None,
-                      channels: Optional[int] = None, progress: Optional[ProgressFn] = None) -> Iterator[np.ndarray]:
+    def decode_blocks(self, encoded: EcdcReader | EncodedAudio, sample_rate: int | None = None,
+                      channels: int | None = None, progress: ProgressFn | None = None) -> Iterator[np.ndarray]:
         """Decode chunk by chunk, yielding ``[C, n]`` float32 blocks in :meth:`output_format`.
 
         With an :class:`EcdcReader` the file is read as it is decoded (a pipe works): the
@@ -293,23 +294,24 @@ class Codec:
             reader = encoded
             header, chunks = reader.header, iter(reader)
 
-            def lengths() -> Tuple[Optional[int], Optional[int]]:
+            def lengths() -> tuple[int | None, int | None]:
                 return reader.total_samples, reader.original_samples
         else:
             header, chunks = encoded.header, iter(encoded.chunks)
 
-            def lengths() -> Tuple[Optional[int], Optional[int]]:
+            def lengths() -> tuple[int | None, int | None]:
                 return encoded.num_samples, encoded.original_samples
-        salvaging = isinstance(encoded, EcdcReader) and encoded.salvage
-        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress,
-                                   encoded if salvaging else None)
-
-    def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[Union[CodeChunk, Gap]],
-                       lengths: Callable[[], Tuple[Optional[int], Optional[int]]],
-                       sample_rate: Optional[int], channels: Optional[int],
-                       progress: Optional[ProgressFn],
-                       salvage: Optional[EcdcReader] = None) -> Iterator[np.ndarray]:
+        salvage = encoded if isinstance(encoded, EcdcReader) and encoded.salvage else None
+        # Checked now, not at the first block: a caller that asks for the blocks before
+        # opening its output refuses a file of other weights before anything is written.
         self.check_compatible(header)
+        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress, salvage)
+
+    def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[CodeChunk | Gap],
+                       lengths: Callable[[], tuple[int | None, int | None]],
+                       sample_rate: int | None, channels: int | None,
+                       progress: ProgressFn | None,
+                       salvage: EcdcReader | None = None) -> Iterator[np.ndarray]:
         out_rate, out_channels = self.output_format(header, sample_rate, channels)
         coded_channels = header.channels * header.streams
         hop = header.hop_length
@@ -317,7 +319,7 @@ class Codec:
         if out_rate != header.sample_rate:
             resampler = soxr.ResampleStream(header.sample_rate, out_rate, coded_channels,
                                             dtype="float32", quality="HQ")
-        fitter = _LengthFitter(coded_channels, margin=max(64, 4 * -(-out_rate // header.sample_rate)))
+        fitter = LengthFitter(coded_channels, margin=max(64, 4 * -(-out_rate // header.sample_rate)))
         decoder = None
         held = np.zeros((coded_channels, 0), dtype=np.float32)  # model-rate audio not yet final
         released = 0  # model-rate samples passed on
@@ -330,22 +332,28 @@ class Codec:
             for start in range(0, wav.shape[-1], out_block):
                 yield audio.to_channels(wav[:, start:start + out_block], out_channels)
 
-        def stage(wav: np.ndarray, last: bool) -> Iterator[np.ndarray]:
-            if resampler is None:
-                for piece in fitter.push(wav):
-                    yield from out_blocks(piece)
-                return
-            starts = range(0, wav.shape[-1], in_block) or range(1)
-            for start in starts:
-                final = last and start == starts[-1]
-                piece = wav[:, start:start + in_block]
-                if piece.shape[-1] or final:
-                    for fitted in fitter.push(_resample_chunk(resampler, piece, final)):
-                        yield from out_blocks(fitted)
+        def stage(wav: np.ndarray) -> Iterator[np.ndarray]:
+            """Model-rate audio that is final: resampled, fitted, in the output's channels."""
+            pieces = [wav] if resampler is None else (
+                resample_chunk(resampler, wav[:, start:start + in_block], last=False)
+                for start in range(0, wav.shape[-1], in_block))
+            for piece in pieces:
+                for fitted in fitter.push(piece):
+                    yield from out_blocks(fitted)
 
-        def decoded(out: torch.Tensor, where: Union[CodeChunk, str]) -> np.ndarray:
+        def finish() -> Iterator[np.ndarray]:
+            """The resampler's and the fitter's tails (libsoxr gives the same samples for
+            ``[a, b](last)`` as for ``[a, b, empty(last)]``)."""
+            if resampler is not None:
+                empty = np.zeros((coded_channels, 0), dtype=np.float32)
+                for fitted in fitter.push(resample_chunk(resampler, empty, last=True)):
+                    yield from out_blocks(fitted)
+            for piece in fitter.finish():
+                yield from out_blocks(piece)
+
+        def decoded(out: torch.Tensor, where: CodeChunk | str) -> np.ndarray:
             """The decoder's output as numpy, refused if not finite (a hostile scale)."""
-            wav = _flat(out)
+            wav = flat(out)
             if not np.isfinite(wav).all():
                 what = where if isinstance(where, str) else (
                     f"code chunk {where.index}" if where.index is not None else "a code chunk")
@@ -364,9 +372,9 @@ class Codec:
                                               axis=1)
                     decoder = None
                 held = held[:, :max(0, chunk.start_sample - released)]
-                silence = chunk.start_sample + chunk.num_samples - released - held.shape[1]
-                for piece in itertools.chain([held], _silence(coded_channels, silence)):
-                    yield from stage(piece, last=False)
+                gap = chunk.start_sample + chunk.num_samples - released - held.shape[1]
+                for piece in itertools.chain([held], silence(coded_channels, gap)):
+                    yield from stage(piece)
                     released += piece.shape[1]
                 held = held[:, :0]
                 if progress is not None:
@@ -385,7 +393,7 @@ class Codec:
                 held = np.concatenate([held, decoded(out, chunk)], axis=1)
                 ready = held.shape[1] - hop  # the last hop may lie past the end
                 if ready > 0:
-                    yield from stage(held[:, :ready], last=False)
+                    yield from stage(held[:, :ready])
                     released += ready
                     held = held[:, ready:]
             if progress is not None:
@@ -396,48 +404,26 @@ class Codec:
                 held = np.concatenate([held, decoded(decoder.flush(), "the last code chunk")], axis=1)
         available = released + held.shape[1]
         if salvage is not None:
-            # A damaged file: the length its evidence supports, else what was recovered
-            # (trimmed to the length it states, never padded to it: an 81-byte file can
-            # state a week).
-            length = salvage.salvaged_samples
-            if length is None:
-                stated = total if total is not None else header.num_samples
-                length = available if stated is None else min(stated, available)
-                original = None
-            total = max(length, released)
-            held = held[:, :total - released]
-            if original is not None and header.original_sample_rate:
-                fitter.target = round(original * out_rate / header.original_sample_rate)
-            missing = total - released - held.shape[1]  # proven but not recovered: silence
-            for piece in itertools.chain([held], _silence(coded_channels, missing)):
-                yield from stage(piece, last=False)
-            yield from stage(held[:, :0], last=True)
-            for piece in fitter.finish():
-                yield from out_blocks(piece)
-            return
-        if total is None:  # pragma: no cover - the reader raises before this
-            raise FormatError(".ecdc stream ended without an end marker")
-        if decoder is None and total:
-            raise FormatError(f"file claims {total} samples but holds no audio frames")
-        if total > available:
-            raise FormatError(f"file claims {total} samples but its frames decode to only {available}")
-        if total < released:
-            raise FormatError(f"file claims {total} samples but its frames decode to at least {released}")
+            total, original = _salvaged_length(salvage, header, total, original, available, released)
+        else:
+            total = _checked_length(total, available, released, decoded_any=decoder is not None)
         if original is not None and header.original_sample_rate:
             # Give back exactly as many samples as went in (resampling can be off by one).
             fitter.target = round(original * out_rate / header.original_sample_rate)
-        yield from stage(held[:, :total - released], last=True)
-        for piece in fitter.finish():
-            yield from out_blocks(piece)
+        held = held[:, :total - released]
+        missing = total - released - held.shape[1]  # salvage: proven but not recovered, so silence
+        for piece in itertools.chain([held], silence(coded_channels, missing)):
+            yield from stage(piece)
+        yield from finish()
 
     # -- bytes ------------------------------------------------------------------------
 
     def compress(self, wav: np.ndarray, sample_rate: int, bandwidth: float = 6.0,
-                 stereo: Optional[str] = None) -> bytes:
+                 stereo: str | None = None) -> bytes:
         return self.encode(wav, sample_rate, bandwidth, stereo).to_bytes()
 
-    def decompress(self, data: bytes, sample_rate: Optional[int] = None,
-                   channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    def decompress(self, data: bytes, sample_rate: int | None = None,
+                   channels: int | None = None) -> tuple[np.ndarray, int]:
         return self.decode(EncodedAudio.from_bytes(data), sample_rate, channels)
 
     def check_compatible(self, header: EcdcHeader) -> None:
@@ -469,7 +455,7 @@ class Codec:
 
     # -- internals ------------------------------------------------------------------
 
-    def _layout(self, channels: int, stereo: Optional[str]) -> Tuple[StereoMode, int]:
+    def _layout(self, channels: int, stereo: str | None) -> tuple[StereoMode, int]:
         """How ``channels`` input channels are coded: the mode and the channels fed to the model."""
         if stereo is not None and stereo not in STEREO_CHOICES:
             raise ModelError(f"unknown stereo mode {stereo!r} (use {' or '.join(STEREO_CHOICES)})")
@@ -489,7 +475,7 @@ class Codec:
             return StereoMode.DUAL, 2
         return StereoMode.DOWNMIX, 1
 
-    def _segment(self, codes: np.ndarray, scale: Optional[float]) -> EncodedSegment:
+    def _segment(self, codes: np.ndarray, scale: float | None) -> EncodedSegment:
         tensor = torch.from_numpy(codes.astype(np.int64)).to(self.device)
         scale_t = None
         if scale is not None:
@@ -497,134 +483,61 @@ class Codec:
         return EncodedSegment(tensor, scale_t)
 
 
-class _Chunker:
-    """Cuts the encoder's output into container chunks, as the whole-file path always has.
-
-    Segmented models: one chunk per segment (with its scale). Unsegmented ones: runs of
-    frames regrouped into chunks of ``per_chunk`` frames (about one second).
-    """
-
-    def __init__(self, per_chunk: int, segmented: bool):
-        self.per_chunk = per_chunk
-        self.segmented = segmented
-        self._codes: List[np.ndarray] = []
-        self._frames = 0
-
-    def add(self, segments: Sequence[EncodedSegment]) -> Iterator[CodeChunk]:
-        for seg in segments:
-            codes = seg.codes.to("cpu").numpy().astype(np.uint16)
-            if self.segmented:
-                scale = None if seg.scale is None else float(seg.scale.reshape(-1)[0])
-                yield CodeChunk(np.ascontiguousarray(codes), scale)
-                continue
-            if not codes.shape[-1]:
-                continue
-            self._codes.append(codes)
-            self._frames += codes.shape[-1]
-            if self._frames >= self.per_chunk:
-                yield from self._cut(final=False)
-
-    def flush(self) -> Iterator[CodeChunk]:
-        return self._cut(final=True)
-
-    def _cut(self, final: bool) -> Iterator[CodeChunk]:
-        if not self._codes:
-            return
-        codes = np.concatenate(self._codes, axis=-1) if len(self._codes) > 1 else self._codes[0]
-        n = codes.shape[-1]
-        full = n - n % self.per_chunk if not final else n
-        for start in range(0, full, self.per_chunk):
-            yield CodeChunk(np.ascontiguousarray(codes[..., start:min(start + self.per_chunk, full)]))
-        rest = codes[..., full:]
-        self._codes = [rest] if rest.shape[-1] else []
-        self._frames = rest.shape[-1]
-
-
-class _LengthFitter:
-    """Passes audio through, holding back the tail until the exact output length is known.
-
-    Once ``target`` is set (at the end), the output is trimmed or zero-padded to exactly
-    that many samples; without a target everything passes unchanged.
-    """
-
-    def __init__(self, channels: int, margin: int):
-        self.channels = channels
-        self.margin = margin
-        self.target: Optional[int] = None
-        self._held = np.zeros((channels, 0), dtype=np.float32)
-        self._emitted = 0
-
-    def push(self, wav: np.ndarray) -> Iterator[np.ndarray]:
-        if not wav.shape[-1]:
-            return
-        held = np.concatenate([self._held, wav], axis=1) if self._held.shape[1] else wav
-        ready = held.shape[1] - self.margin
-        if ready > 0:
-            self._emitted += ready
-            yield held[:, :ready]
-            held = held[:, ready:]
-        self._held = held
-
-    def finish(self) -> Iterator[np.ndarray]:
-        """The held tail, trimmed to ``target``, then any padding in bounded blocks."""
-        held = self._held
-        self._held = np.zeros((self.channels, 0), dtype=np.float32)
-        pad = 0
-        if self.target is not None:
-            want = max(0, self.target - self._emitted)
-            held, pad = held[:, :want], max(0, want - held.shape[1])
-        if held.shape[1]:
-            self._emitted += held.shape[1]
-            yield held
-        for block in _silence(self.channels, pad):
-            self._emitted += block.shape[1]
-            yield block
-
-
-def _write_stream(events: Iterator[Union[EcdcHeader, CodeChunk, _Totals]], out: BinaryIO,
-                  keep: Optional[List[CodeChunk]] = None) -> StreamResult:
+def _write_stream(events: Iterator[EcdcHeader | CodeChunk | _Totals], out: BinaryIO,
+                  keep: list[CodeChunk] | None = None) -> StreamResult:
     """Write the encoder's events as a .ecdc stream, flushing each chunk as it comes."""
-    writer: Optional[EcdcWriter] = None
-    result: Optional[StreamResult] = None
+    writer: EcdcWriter | None = None
+    result: StreamResult | None = None
     flush = getattr(out, "flush", None)
     for item in events:
         if isinstance(item, EcdcHeader):
             writer = EcdcWriter(out, item)
-        elif isinstance(item, CodeChunk):
-            writer.write_chunk(item)
-            if keep is not None:
-                keep.append(item)
         else:
-            writer.finish(item.num_samples, item.original_samples)
-            result = StreamResult(writer.header, item.num_samples, item.original_samples, writer.chunks_written)
+            assert writer is not None, "the encoder yields its header first"
+            if isinstance(item, CodeChunk):
+                writer.write_chunk(item)
+                if keep is not None:
+                    keep.append(item)
+            else:
+                writer.finish(item.num_samples, item.original_samples)
+                result = StreamResult(writer.header, item.num_samples, item.original_samples,
+                                      writer.chunks_written)
         if flush is not None:
             flush()
+    assert result is not None, "the encoder yields its totals last"
     return result
 
 
-def _silence(channels: int, num_samples: int) -> Iterator[np.ndarray]:
-    """``num_samples`` of silence in bounded blocks: a salvaged gap may be days long."""
-    zeros = np.zeros((channels, min(_SILENCE_BLOCK, max(0, num_samples))), dtype=np.float32)
-    for start in range(0, num_samples, _SILENCE_BLOCK):
-        yield zeros[:, :min(_SILENCE_BLOCK, num_samples - start)]
+def _salvaged_length(reader: EcdcReader, header: EcdcHeader, total: int | None, original: int | None,
+                     available: int, released: int) -> tuple[int, int | None]:
+    """A damaged file's (length, original length): what its evidence supports, else what was
+    recovered, trimmed to the length it states but never padded to it (an 81-byte file can
+    state a week); the original length only where the evidence supports the length."""
+    length = reader.salvaged_samples
+    if length is None:
+        stated = total if total is not None else header.num_samples
+        length = available if stated is None else min(stated, available)
+        original = None
+    return max(length, released), original
 
 
-def _resample_chunk(resampler: "soxr.ResampleStream", wav: np.ndarray, last: bool) -> np.ndarray:
-    """Streaming libsoxr on ``[C, n]`` audio; bit-identical to resampling it whole."""
-    out = resampler.resample_chunk(np.ascontiguousarray(wav.T, dtype=np.float32), last=last)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.float32).reshape(-1, wav.shape[0]).T)
-
-
-def _flat(out: torch.Tensor) -> np.ndarray:
-    """Decoder output ``[B, C, n]`` -> ``[B*C, n]`` float32 (DUAL stacks the two streams)."""
-    arr = out.to("cpu").numpy()
-    return np.ascontiguousarray(arr.reshape(arr.shape[0] * arr.shape[1], arr.shape[-1]), dtype=np.float32)
+def _checked_length(total: int | None, available: int, released: int, decoded_any: bool) -> int:
+    """An intact file's stated length, refused unless its frames decode to it."""
+    if total is None:  # pragma: no cover - the reader raises before this
+        raise FormatError(".ecdc stream ended without an end marker")
+    if not decoded_any and total:
+        raise FormatError(f"file claims {total} samples but holds no audio frames")
+    if total > available:
+        raise FormatError(f"file claims {total} samples but its frames decode to only {available}")
+    if total < released:
+        raise FormatError(f"file claims {total} samples but its frames decode to at least {released}")
+    return total
 
 
 # -- loading ------------------------------------------------------------------------
 
-def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
-               checkpoint: Optional[str] = None, progress=None) -> Codec:
+def load_model(name_or_path: str | None = None, device: str = "cpu",
+               checkpoint: str | None = None, progress: DownloadFn | None = None) -> Codec:
     """Load a codec by registry name, by checkpoint path, or (neither) the default model.
 
     ``load_model()`` loads ecdc's bundled default (the newest release of its family);
@@ -643,8 +556,8 @@ def load_model(name_or_path: Optional[str] = None, device: str = "cpu",
     return Codec(model, fingerprint, dev)
 
 
-def load_model_for(header: EcdcHeader, model: Optional[str] = None, checkpoint: Optional[str] = None,
-                   device: str = "cpu", progress=None) -> Codec:
+def load_model_for(header: EcdcHeader, model: str | None = None, checkpoint: str | None = None,
+                   device: str = "cpu", progress: DownloadFn | None = None) -> Codec:
     """The codec that decodes a file: the one the caller names, else the one its header names.
 
     ecdc's releases write their versioned name (``ecdc_24khz_v1``), so a file decodes with
@@ -658,15 +571,15 @@ def load_model_for(header: EcdcHeader, model: Optional[str] = None, checkpoint: 
     return load_model(model, device=device, checkpoint=checkpoint, progress=progress)
 
 
-def compress(wav: np.ndarray, sample_rate: int, model: Union[None, str, Codec] = None,
-             bandwidth: float = 6.0, stereo: Optional[str] = None) -> bytes:
+def compress(wav: np.ndarray, sample_rate: int, model: str | Codec | None = None,
+             bandwidth: float = 6.0, stereo: str | None = None) -> bytes:
     """Encode audio to the bytes of a .ecdc file."""
     codec = model if isinstance(model, Codec) else load_model(model)
     return codec.compress(wav, sample_rate, bandwidth, stereo)
 
 
-def decompress(data: bytes, model: Union[None, str, Codec] = None,
-               sample_rate: Optional[int] = None, channels: Optional[int] = None) -> Tuple[np.ndarray, int]:
+def decompress(data: bytes, model: str | Codec | None = None,
+               sample_rate: int | None = None, channels: int | None = None) -> tuple[np.ndarray, int]:
     """Decode the bytes of a .ecdc file (Meta's v0 files included) to ``([C, T], rate)``.
 
     Without ``model`` the model named in the file's header is loaded.
@@ -678,284 +591,12 @@ def decompress(data: bytes, model: Union[None, str, Codec] = None,
 
 # -- files ----------------------------------------------------------------------------
 
-#: errno values that mean "the output cannot grow", and what usually causes them.
-_WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "a file-size limit or the file system's maximum",
-                 errno.EDQUOT: "disk quota exceeded"}
+def __getattr__(name: str) -> Any:
+    """``compress_file`` and ``decompress_file``, which live in :mod:`ecdc.convert` (a layer
+    above this one), still import from here; looked up on first use, so this module does
+    not import the one that imports it."""
+    if name in ("compress_file", "decompress_file"):
+        from . import convert
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: temp files are told apart by age alone
-    fcntl = None  # type: ignore[assignment]
-
-#: When this run started: a temp file of ours older than this was left by a killed run.
-_RUN_START = time.time()
-_TEMP_SUFFIX = ".tmp"
-#: The characters of the 8-character middle of ``.NAME.XXXXXXXX.tmp`` (ours are hex; older
-#: ecdc versions used tempfile.mkstemp, whose names use all of these).
-_TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
-
-
-@contextlib.contextmanager
-def atomic_output(path: Union[str, Path], overwrite: bool = True) -> Iterator[BinaryIO]:
-    """Write an output so that a failure never leaves a half-written file behind.
-
-    This is the one place ecdc writes output files; what it does depends on what ``path``
-    is (docs/ROBUSTNESS.md, "Output safety"):
-
-    * nothing, or a regular file: the data goes to a new ``.NAME.XXXXXXXX.tmp`` beside it,
-      which is renamed over ``path`` only when complete. A failure (disk full, a signal, a
-      corrupt input found half way) removes the temp file and leaves an existing file as it
-      was. Without ``overwrite`` an existing file is refused, and the rename itself fails if
-      a file appeared at ``path`` while writing (so of two concurrent writers one fails
-      instead of one output being silently lost).
-    * a character or block device, a FIFO or a socket: written directly, as ``cat > path``
-      would; a special file is never replaced by a regular one (``-o /dev/null -f``).
-    * a symlink: followed, and its final target gets these rules: a regular file is replaced
-      at the target's path (the link stays), a device or FIFO is written directly. A
-      dangling link is refused: ecdc does not create files where a link points.
-    * a directory: refused.
-
-    A new file gets mode ``0o666 & ~umask`` (and the directory's default ACL), as a plain
-    ``open()`` gives, also when it replaces a file with other permissions. Temp files of the
-    same pattern for the same output that a killed run left (older than this run, held by
-    no live writer) are removed first.
-    """
-    shown = Path(path)
-    kind, final = _output_target(shown, overwrite)
-    if kind == "special":
-        with _direct_output(shown) as handle:
-            yield handle
-        return
-    remove_temp_files(final, older_than=_RUN_START)
-    fd, tmp = _create_temp(final, shown)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _try_lock(fd)  # held until the rename: cleanup never takes a live writer's file
-            yield handle
-            handle.flush()
-            os.fsync(fd)
-            _commit(tmp, final, shown, overwrite)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]}); "
-                              f"nothing was written") from None
-        raise
-
-
-def _output_target(shown: Path, overwrite: bool) -> Tuple[str, Path]:
-    """``("special", path)`` to write directly, or ``("file", path)`` of the regular file to
-    create or replace (a symlink's target); refusals as :class:`OutputError`."""
-    try:
-        info = os.stat(shown)  # follows symlinks
-    except FileNotFoundError:
-        if os.path.islink(shown):
-            raise OutputError(f"cannot write {shown}: it is a symlink to {_link_text(shown)}, which does not "
-                              f"exist (ecdc writes through links only to existing files)") from None
-        return "file", shown
-    except OSError as exc:
-        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise OutputError(f"cannot write {shown}: it is a directory")
-    if not overwrite:
-        raise OutputError(f"{shown} exists; use -f to overwrite")
-    if not stat.S_ISREG(info.st_mode):
-        return "special", shown
-    if not os.path.islink(shown):
-        return "file", shown
-    final = Path(os.path.realpath(shown))
-    try:
-        same = os.path.samestat(info, os.stat(final))
-    except OSError:
-        same = False
-    if not same:  # e.g. /proc/self/fd/N of a deleted file: no path to put a new file at
-        raise OutputError(f"cannot write {shown}: its symlink does not lead to a path where a file can be replaced")
-    return "file", final
-
-
-def _link_text(path: Path) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return "a missing file"
-
-
-def _create_temp(final: Path, shown: Path) -> Tuple[int, Path]:
-    """A new ``.NAME.XXXXXXXX.tmp`` beside ``final``, created with mode 0o666 so that the
-    kernel applies the umask (and default ACLs) as for a plain open(); mkstemp's 0600
-    would stay on the output."""
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-    for _ in range(100):
-        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputError(f"cannot create {shown}: {exc.strerror or exc}") from None
-    raise OutputError(f"cannot create {shown}: no unused temporary name beside it")
-
-
-@contextlib.contextmanager
-def _direct_output(shown: Path) -> Iterator[BinaryIO]:
-    """Write straight into a device, FIFO or socket (opening a FIFO waits for a reader)."""
-    try:
-        fd = os.open(shown, os.O_WRONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))  # no O_CREAT
-    except OSError as exc:
-        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from None
-    if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
-        os.close(fd)  # replaced by a file since it was looked at: writing in place would not be atomic
-        raise OutputError(f"cannot write {shown}: it was replaced while ecdc opened it")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-    except OSError as exc:
-        if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]})") from None
-        raise
-
-
-def _commit(tmp: Path, final: Path, shown: Path, overwrite: bool) -> None:
-    """Rename the finished temp file into place; without ``overwrite`` never over a file."""
-    if overwrite:
-        os.replace(tmp, final)
-        return
-    try:
-        _rename_noreplace(tmp, final)
-    except FileExistsError:
-        raise OutputError(f"{shown} exists (created while ecdc was writing); use -f to overwrite") from None
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename that fails with FileExistsError when ``dst`` exists, atomically: Linux's
-    renameat2(RENAME_NOREPLACE), else link(2) (which never replaces) and unlink."""
-    renameat2 = _renameat2()
-    if renameat2 is not None:
-        if renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(err, os.strerror(err), str(dst))
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # else: not on this file system
-            raise OSError(err, os.strerror(err), str(dst))
-    try:
-        os.link(src, dst)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise
-        if os.path.lexists(dst):  # no hard links here (FAT, some network file systems): not atomic
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
-
-
-@functools.lru_cache(maxsize=None)
-def _renameat2() -> Optional[Callable[..., int]]:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # a C library without it (old glibc, some musl)
-        return None
-
-
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive flock on ``fd`` without waiting; False if another process holds one
-    (or the file system cannot tell: then the file is treated as held)."""
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
-
-
-def _is_temp_name(name: str, target_name: str) -> bool:
-    """Whether ``name`` is exactly ``.TARGET.XXXXXXXX.tmp``; compared as strings, because
-    output names may hold glob characters (``a*.ecdc``, ``[x].ecdc``)."""
-    prefix = f".{target_name}."
-    if len(name) != len(prefix) + 8 + len(_TEMP_SUFFIX):
-        return False
-    middle = name[len(prefix):-len(_TEMP_SUFFIX)]
-    return name.startswith(prefix) and name.endswith(_TEMP_SUFFIX) and all(c in _TEMP_CHARS for c in middle)
-
-
-def remove_temp_files(path: Union[str, Path], older_than: Optional[float] = None) -> List[str]:
-    """Remove the temp files :func:`atomic_output` left for ``path`` (a killed process's).
-
-    Only files named exactly ``.NAME.XXXXXXXX.tmp`` for this output are candidates, and of
-    them only those no live process is writing (each writer holds an exclusive flock on its
-    temp file until the rename) and, with ``older_than``, not modified since that time.
-    Nothing else in the folder is ever touched. Returns the paths removed.
-    """
-    target = Path(path)
-    if os.path.islink(target):
-        target = Path(os.path.realpath(target))  # where atomic_output puts a link's temp file
-    directory = target.parent
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    removed: List[str] = []
-    for name in names:
-        if not _is_temp_name(name, target.name):
-            continue
-        tmp = directory / name
-        try:
-            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-                         | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or (older_than is not None and info.st_mtime >= older_than):
-                continue
-            if not _try_lock(fd) or not os.path.samestat(info, os.lstat(tmp)):
-                continue
-            os.unlink(tmp)
-            removed.append(str(tmp))
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
-
-
-def compress_file(src: Union[str, Path], dst: Union[str, Path], model: Union[None, str, Codec] = None,
-                  bandwidth: float = 6.0, stereo: Optional[str] = None, overwrite: bool = True) -> EncodedAudio:
-    """Compress an audio file to a .ecdc file (streamed, written by :func:`atomic_output`).
-
-    Returns what was written; its chunks are kept in memory for the caller (codes are
-    about 0.1 % of the PCM size), the audio never is. ``overwrite=False`` refuses an
-    existing ``dst`` (also one created while writing) with :class:`OutputError`.
-    """
-    codec = model if isinstance(model, Codec) else load_model(model)
-    chunks: List[CodeChunk] = []
-    with open_audio_file(str(src)) as source, atomic_output(dst, overwrite) as out:
-        result = _write_stream(codec._encode_events(source, bandwidth, stereo), out, keep=chunks)
-    return EncodedAudio(result.header, chunks, result.num_samples, result.original_samples)
-
-
-def decompress_file(src: Union[str, Path], dst: Union[str, Path], model: Union[None, str, Codec] = None,
-                    sample_rate: Optional[int] = None, channels: Optional[int] = None,
-                    overwrite: bool = True) -> Tuple[np.ndarray, int]:
-    """Decompress a .ecdc file to a 16-bit wav (streamed, written by :func:`atomic_output`);
-    returns the audio too. ``overwrite`` as for :func:`compress_file`."""
-    with open(src, "rb") as f:
-        reader = EcdcReader(f)
-        codec = model if isinstance(model, Codec) else load_model_for(reader.header, model)
-        rate, chans = codec.output_format(reader.header, sample_rate, channels)
-        blocks: List[np.ndarray] = []
-        with atomic_output(dst, overwrite) as out:
-            sink = WavStreamWriter(out, rate, chans)
-            for block in codec.decode_blocks(reader, sample_rate, channels):
-                sink.write(block)
-                blocks.append(block)
-            sink.close()
-    wav = np.concatenate(blocks, axis=1) if blocks else np.zeros((chans, 0), dtype=np.float32)
-    return wav, rate
+        return getattr(convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

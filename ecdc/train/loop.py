@@ -16,27 +16,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..codec import atomic_output, resolve_device
+from ..devices import resolve_device
 from ..errors import EcdcError
 from ..models.encodec import EncodecModel
+from ..outputs import atomic_output
 from ..weights import checkpoint_payload
 from .balancer import Balancer
 from .config import TrainConfig, dump_config
-from .data import (AudioCache, CropDataset, ValidationSet, find_audio_files, folder_groups, make_train_loader,
-                   split_files)
+from .data import (
+    AudioCache,
+    CropDataset,
+    ValidationSet,
+    find_audio_files,
+    folder_groups,
+    make_train_loader,
+    split_files,
+)
 from .discriminator import MultiScaleSTFTDiscriminator
 from .init import init_for_training
 from .losses import (
@@ -99,18 +107,18 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def _rng_state() -> Dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     """torch's generators: the only global randomness a step uses (k-means, dead codes, init).
 
     Data, quantiser dropout and the discriminator schedule are seeded by index and step.
     """
-    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -139,7 +147,7 @@ class GeneratorEMA:
             raise TrainingError(f"ema_decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
         self.params = {name: p.detach().float().clone() for name, p in model.named_parameters()}
-        self._copy: Optional[torch.nn.Module] = None
+        self._copy: torch.nn.Module | None = None
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -158,10 +166,10 @@ class GeneratorEMA:
             p.copy_(self.params[name])
         return self._copy
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.params)
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor], live: torch.nn.Module) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], live: torch.nn.Module) -> None:
         for name, p in live.named_parameters():
             source = state.get(name, p.detach())
             self.params[name] = source.detach().float().to(p.device).clone()
@@ -171,7 +179,7 @@ class Trainer:
     """Builds everything a run needs from a config and a run directory, then trains."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, device: str = "auto", resume: bool = False,
-                 distributed: Optional[Distributed] = None, quiet: bool = False):
+                 distributed: Distributed | None = None, quiet: bool = False):
         self.config = config
         self.run_dir = Path(run_dir)
         self.dist = distributed or init_distributed(device)
@@ -189,13 +197,13 @@ class Trainer:
         self.model.to(self.device)
         for module in self.model.modules():
             if hasattr(module, "threshold_ema_dead_code"):
-                module.threshold_ema_dead_code = config.dead_code_threshold
+                setattr(module, "threshold_ema_dead_code", config.dead_code_threshold)
         # The exported weights: an exponential moving average of the generator's parameters
         # (buffers, i.e. the codebooks, which are averages already, are copied as they are).
         self.ema = GeneratorEMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.disc = MultiScaleSTFTDiscriminator(
             channels=self.model_config.channels, filters=config.loss.discriminator_filters).to(self.device)
-        betas = tuple(config.optim.betas)
+        betas = cast("tuple[float, float]", tuple(config.optim.betas))
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=config.optim.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.optim.discriminator_lr, betas=betas)
         loss = config.loss
@@ -268,7 +276,8 @@ class Trainer:
             raise TrainingError("no readable training audio in " + ", ".join(map(str, roots)))
         groups = folder_groups(train_files, roots) if data.balance_folders else None
         self.dataset = CropDataset(self.cache, train_files, segment_seconds=data.segment_seconds,
-                                   gain_db=tuple(data.gain_db), seed=self.config.seed, groups=groups)
+                                   gain_db=cast("tuple[float, float]", tuple(data.gain_db)), seed=self.config.seed,
+                                   groups=groups)
         self.valid = ValidationSet(self.cache, valid_files, seconds=data.valid_seconds,
                                    max_items=data.valid_items) if valid_files else None
 
@@ -297,7 +306,7 @@ class Trainer:
         update_disc = bool(torch.rand((), generator=gen) < self.config.loss.discriminator_prob)
         return n_q, update_disc
 
-    def train_step(self, batch: torch.Tensor) -> Dict[str, float]:
+    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
         """One generator update and maybe one discriminator update; returns the losses."""
         cfg = self.config
         n_q, update_disc = self.step_plan(self.step)
@@ -347,13 +356,13 @@ class Trainer:
     # -- validation -------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self) -> Dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """Mel distance and SI-SDR of the validation crops at every bandwidth."""
         if self.valid is None:
             return {}
         model = self.exported_model()
         model.eval()
-        result: Dict[str, float] = {}
+        result: dict[str, float] = {}
         for bandwidth, n_q in self.bandwidth_codebooks.items():
             mels, sdrs = [], []
             for clip in self.valid:
@@ -370,11 +379,11 @@ class Trainer:
         """The generator as shipped: the EMA weights when the run keeps them."""
         if self.ema is None:
             return self.model
-        return self.ema.model(self.model)
+        return cast(EncodecModel, self.ema.model(self.model))
 
     # -- checkpoints --------------------------------------------------------------------
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -423,7 +432,7 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------
 
-    def log(self, record: Dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
             with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -438,15 +447,15 @@ class Trainer:
                                    num_workers=self.config.data.num_workers)
         return iter(loader)
 
-    def _sync_digest(self) -> List[str]:
+    def _sync_digest(self) -> list[str]:
         digest = parameters_digest(self.model, self.disc)
         if not self.dist.enabled:
             return [digest]
-        gathered: List[Optional[str]] = [None] * self.dist.world_size
+        gathered: list[str | None] = [None] * self.dist.world_size
         dist.all_gather_object(gathered, digest)
         return [str(d) for d in gathered]
 
-    def train(self, max_steps: Optional[int] = None, max_minutes: Optional[float] = None) -> Dict[str, Any]:
+    def train(self, max_steps: int | None = None, max_minutes: float | None = None) -> dict[str, Any]:
         """Train until ``config.steps`` (or ``max_steps`` more, or ``max_minutes``); always save at exit."""
         cfg = self.config
         last_step = cfg.steps if max_steps is None else min(cfg.steps, self.step + max_steps)
@@ -461,7 +470,7 @@ class Trainer:
             progress = tqdm(total=last_step, initial=self.step, unit="step", dynamic_ncols=True)
         samples_per_step = cfg.batch_size * self.dist.world_size * cfg.data.segment_seconds
         window_start, window_steps = time.monotonic(), 0
-        last: Dict[str, Any] = {}
+        last: dict[str, Any] = {}
         batches = self._batches()
         try:
             while self.step < last_step:

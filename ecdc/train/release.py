@@ -38,16 +38,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import soundfile
 import torch
 
 from .. import weights
-from ..codec import Codec, EncodedAudio, atomic_output, compress_file
+from ..codec import Codec, EncodedAudio, compress_file
 from ..errors import EcdcError
 from ..models.encodec import EncodecConfig
+from ..outputs import atomic_output
 from .metrics import si_sdr
 
 #: The golden file's bitrate and signal (see :func:`golden_signal`).
@@ -85,7 +86,7 @@ def checkout_root() -> Path:
     return root
 
 
-def release_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def release_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inference weights in float16 (fresh, contiguous tensors; no training statistics)."""
     out = {}
     for key, value in weights.inference_state_dict(state_dict).items():
@@ -100,7 +101,7 @@ def release_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
     return out
 
 
-def _read_run(source: Path) -> Tuple[Path, bytes, EncodecConfig, Dict[str, torch.Tensor]]:
+def _read_run(source: Path) -> tuple[Path, bytes, EncodecConfig, dict[str, torch.Tensor]]:
     path = source / "model.th" if source.is_dir() else source
     try:
         data = path.read_bytes()  # one snapshot, however often the live run rewrites it
@@ -123,7 +124,7 @@ def _read_run(source: Path) -> Tuple[Path, bytes, EncodecConfig, Dict[str, torch
     return path, data, config, dict(state_dict)
 
 
-def _run_step(model_path: Path) -> Optional[int]:
+def _run_step(model_path: Path) -> int | None:
     """The training step model.th was exported at, when checkpoint.pt provably belongs to it.
 
     ``ecdc train`` writes checkpoint.pt, then model.th, at every save; a checkpoint.pt not
@@ -153,9 +154,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.chmod(path, 0o644)  # atomic_output's temporary file is private; these are package/test data
 
 
-def make_release(source: Path, version: int, description: str, family: Optional[str] = None,
-                 make_default: bool = True, replace: bool = False, root: Optional[Path] = None,
-                 audio: Optional[Path] = None, log=print) -> Dict[str, Any]:
+def make_release(source: Path, version: int, description: str, family: str | None = None,
+                 make_default: bool = True, replace: bool = False, root: Path | None = None,
+                 audio: Path | None = None, log=print) -> dict[str, Any]:
     """Package ``source`` (a run directory or its model.th) as release ``version``; returns its entry."""
     root = Path(root) if root is not None else checkout_root()
     releases_dir = root / "ecdc" / weights.RELEASES_DIR.name
@@ -173,7 +174,7 @@ def make_release(source: Path, version: int, description: str, family: Optional[
         raise ReleaseError("--description must say what the model is and how good it is")
 
     manifest = weights.read_manifest(manifest_path)
-    entries: List[Dict[str, Any]] = manifest["releases"]
+    entries: list[dict[str, Any]] = manifest["releases"]
     versions = sorted(int(e["version"]) for e in entries if e["family"] == family)
     newest = versions[-1] if versions else 0
     if version in versions:
@@ -268,7 +269,7 @@ def make_release(source: Path, version: int, description: str, family: Optional[
     return entry
 
 
-def write_golden(name: str, directory: Path, log=print) -> Tuple[Path, Path, Path]:
+def write_golden(name: str, directory: Path, log=print) -> tuple[Path, Path, Path]:
     """(Re)write ``name``'s golden files: the test signal, its .ecdc, the decoded audio."""
     from ..codec import load_model
 
@@ -289,7 +290,7 @@ def write_golden(name: str, directory: Path, log=print) -> Tuple[Path, Path, Pat
     return wav_path, ecdc_path, npy_path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ecdc.train.release",
         description="Package RUN_DIR/model.th as release N of ecdc's bundled model (ecdc/releases/), "
