@@ -22,7 +22,6 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import soundfile
@@ -38,7 +37,7 @@ from ecdc.train.metrics import mel_distance, si_sdr  # noqa: E402
 RATE = 24000
 
 
-def clips_of(path: Path, seconds: float, per_file: int) -> List[np.ndarray]:
+def clips_of(path: Path, seconds: float, per_file: int) -> list[np.ndarray]:
     wav, rate = audio.read_audio(str(path))
     wav = audio.resample(audio.to_channels(wav, 1), rate, RATE)[0]
     n = int(seconds * RATE)
@@ -61,7 +60,7 @@ def opus_round_trip(clip: np.ndarray, kbps: float, tmp: Path) -> tuple:
     return out, enc.stat().st_size * 8 / (clip.shape[0] / RATE) / 1000
 
 
-def metrics(ref: np.ndarray, deg: np.ndarray, speech: bool) -> Dict[str, float]:
+def metrics(ref: np.ndarray, deg: np.ndarray, speech: bool) -> dict[str, float]:
     from pystoi import stoi
 
     result = {}
@@ -95,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
 
     codec = load_model(args.model, device=args.device, checkpoint=args.checkpoint)
-    results: Dict[tuple, List[Dict[str, float]]] = defaultdict(list)
+    results: dict[tuple, list[dict[str, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for folder in map(Path, args.folders):

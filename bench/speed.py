@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from ecdc.models import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecModel  # noqa: E402
+
 from refstub import install_torchaudio_stub, make_reference_model, make_test_audio  # noqa: E402
 
 CONFIGS = {"encodec_24khz": ENCODEC_24KHZ, "encodec_48khz": ENCODEC_48KHZ}
@@ -326,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     tuned = perf.tune_allocator()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(ecdc LSTM: {perf.lstm_threads() or 'same'}), {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}, ecdc API: {args.api}, {args.reps} reps ({3 * args.reps} under a minute), seed {SEED}, "
-          f"malloc tuning {'on' if tuned else 'off'} (both sides)")
+          f"{os.getloadavg()[0]:.2f}, ecdc API: {args.api}, {args.reps} reps ({3 * args.reps} under a minute), "
+          f"seed {SEED}, malloc tuning {'on' if tuned else 'off'} (both sides)")
 
     if not args.no_speed:
         results = []

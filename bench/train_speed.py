@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import soundfile
@@ -42,7 +41,7 @@ def make_corpus(root: Path, seconds: float = 20.0, files: int = 4, rate: int = 2
 
 
 def measure(preset: str, batch_size: int, steps: int, warmup: int, device: str, amp: bool, root: Path,
-            filters: Optional[int] = 32) -> dict:
+            filters: int | None = 32) -> dict:
     """One preset and phase; ``filters=None`` is the reconstruction phase (no discriminator)."""
     loss = {"discriminator_prob": 1.0, "discriminator_filters": filters or 8,
             "adversarial_warmup": 10**9 if filters is None else 0}

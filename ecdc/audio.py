@@ -39,7 +39,7 @@ import stat
 import struct
 import sys
 import warnings
-from typing import BinaryIO, Optional, Tuple, Union
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -49,7 +49,7 @@ from .container import MAX_ORIGINAL_CHANNELS
 from .errors import AudioError
 from .messages import first_line
 
-PathOrFile = Union[str, os.PathLike, BinaryIO]
+PathOrFile = str | os.PathLike | BinaryIO
 
 #: Largest PCM_16 value as a float, so clipping never wraps around to the other sign.
 _PCM16_MAX = 32767 / 32768
@@ -77,7 +77,7 @@ class TruncatedAudioWarning(UserWarning):
     """An audio file ends before its header says it does; what is present was read."""
 
 
-def read_audio(source: PathOrFile) -> Tuple[np.ndarray, int]:
+def read_audio(source: PathOrFile) -> tuple[np.ndarray, int]:
     """Read any file soundfile can decode; return (``[C, T]`` float32, sample rate)."""
     if isinstance(source, (str, bytes, os.PathLike)):
         with _open_input(source) as f:
@@ -85,7 +85,7 @@ def read_audio(source: PathOrFile) -> Tuple[np.ndarray, int]:
     return _decode(source)
 
 
-def read_audio_bytes(data: bytes) -> Tuple[np.ndarray, int]:
+def read_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
     """Decode an in-memory audio file (stdin is read whole when it is not seekable)."""
     if not data:
         raise AudioError("empty input")
@@ -103,7 +103,7 @@ def input_error(exc: OSError) -> AudioError:
     return AudioError(f"cannot read: {exc.strerror or exc}")
 
 
-def check_input_path(path: Union[str, bytes, os.PathLike]) -> os.stat_result:
+def check_input_path(path: str | bytes | os.PathLike) -> os.stat_result:
     """Refuse a path that cannot be an audio file (missing, directory, empty), in one line.
 
     Returns its ``stat`` so a caller can tell regular files from pipes.
@@ -133,7 +133,7 @@ def check_audio_head(head: bytes) -> None:
                          "audio format ecdc reads)")
 
 
-def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: Optional[int] = MAX_BUFFERED_INPUT) -> io.BytesIO:
+def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: int | None = MAX_BUFFERED_INPUT) -> io.BytesIO:
     """All of a pipe or device (after ``head``, already read from it) in memory, for
     libsndfile to seek in; its format is sniffed first (:func:`check_audio_head`).
 
@@ -162,7 +162,7 @@ def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: Optional[int] = MA
     return buf
 
 
-def libsndfile_takes_name(path: Union[str, os.PathLike]) -> bool:
+def libsndfile_takes_name(path: str | os.PathLike) -> bool:
     """Whether libsndfile can open ``path`` by name. It refuses names that are not valid in
     the file system encoding (e.g. the byte 0xff in a UTF-8 locale) and paths of 1 KiB or
     more, all of which the OS takes: open those with Python and hand over the file object.
@@ -215,7 +215,7 @@ def check_finite(wav: np.ndarray, rate: int, offset: int = 0) -> None:
     )
 
 
-def wav_truncation(head: bytes, size: int) -> Optional[str]:
+def wav_truncation(head: bytes, size: int) -> str | None:
     """Why a RIFF/WAVE file of ``size`` bytes starting with ``head`` is truncated, or None.
 
     Only the header's promise is checked: the "data" chunk must hold as many whole
@@ -306,9 +306,9 @@ class _open_input:
     in memory anyway).
     """
 
-    def __init__(self, path: Union[str, bytes, os.PathLike]) -> None:
+    def __init__(self, path: str | bytes | os.PathLike) -> None:
         self._path = path
-        self._file: Optional[BinaryIO] = None
+        self._file: BinaryIO | None = None
 
     def __enter__(self) -> BinaryIO:
         st = check_input_path(self._path)
@@ -375,7 +375,7 @@ def _could_be_audio(head: bytes) -> bool:
     )
 
 
-def _decode(f: BinaryIO) -> Tuple[np.ndarray, int]:
+def _decode(f: BinaryIO) -> tuple[np.ndarray, int]:
     problem = _truncation_of(f)
     if problem:
         warnings.warn(f"{problem}; converting what is there", TruncatedAudioWarning, stacklevel=3)
@@ -391,7 +391,7 @@ def _decode(f: BinaryIO) -> Tuple[np.ndarray, int]:
     return wav, rate
 
 
-def _truncation_of(f: BinaryIO) -> Optional[str]:
+def _truncation_of(f: BinaryIO) -> str | None:
     """wav_truncation for a seekable file object, leaving its position unchanged."""
     try:
         if not f.seekable():

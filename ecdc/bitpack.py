@@ -88,7 +88,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     return bytes(out)
 
 
-def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
+def unpack_codes(data: bytes | bytearray | memoryview, bits: int, count: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: read ``count`` values of ``bits`` bits.
 
     Returns a 1-D ``int64`` array, the dtype torch wants for codebook lookups,

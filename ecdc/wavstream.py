@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import stat
 import struct
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -71,8 +72,8 @@ class AudioSource:
 
     sample_rate: int
     channels: int
-    frames: Optional[int] = None
-    _owned: Optional[BinaryIO] = None  # a file this source opened and must close
+    frames: int | None = None
+    _owned: BinaryIO | None = None  # a file this source opened and must close
 
     def blocks(self) -> Iterator[np.ndarray]:
         """Yield ``[channels, n]`` float32 blocks (n > 0) until the input ends."""
@@ -84,7 +85,7 @@ class AudioSource:
             self._owned.close()
             self._owned = None
 
-    def __enter__(self) -> "AudioSource":
+    def __enter__(self) -> AudioSource:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -93,6 +94,8 @@ class AudioSource:
 
 class ArraySource(AudioSource):
     """In-memory audio as a source, cut into blocks like a file would be."""
+
+    frames: int  # always known
 
     def __init__(self, wav: np.ndarray, sample_rate: int, block_frames: int = BLOCK_FRAMES):
         wav = np.asarray(wav, dtype=np.float32)
@@ -203,7 +206,7 @@ class WavStreamReader(AudioSource):
         return data
 
     def _read_exactly(self, n: int, what: str) -> bytes:
-        parts: List[bytes] = []
+        parts: list[bytes] = []
         got = 0
         while got < n:
             piece = self._read_some(min(n - got, 1 << 20))
@@ -230,8 +233,8 @@ class WavStreamReader(AudioSource):
         self._endian = ">" if magic == b"RIFX" else "<"
         (riff_size,) = struct.unpack(self._endian + "I", riff[4:8])
         size_known = riff_size not in (0, _UNKNOWN_32)
-        ds64_data: Optional[int] = None
-        fmt: Optional[bytes] = None
+        ds64_data: int | None = None
+        fmt: bytes | None = None
         while True:
             head = self._read_exactly(8, "chunk list (no 'data' chunk)")
             cid = head[:4]
@@ -259,7 +262,7 @@ class WavStreamReader(AudioSource):
             size, unknown = ds64_data, False
         else:
             unknown = size == _UNKNOWN_32 or (size == 0 and not size_known)
-        self._remaining: Optional[int] = None if unknown else size
+        self._remaining: int | None = None if unknown else size
         self.frames = None if unknown else size // self._frame_bytes
 
     def _parse_fmt(self, fmt: bytes) -> None:
@@ -420,7 +423,7 @@ class WavStreamWriter:
         self.channels = int(channels)
         self.raw = raw
         self.frames_written = 0
-        self._start: Optional[int] = None
+        self._start: int | None = None
         self._closed = False
         if raw:
             return
@@ -481,7 +484,7 @@ def to_pcm16(wav: np.ndarray) -> np.ndarray:
     return (np.rint(clipped.astype(np.float64) * 2.0 ** 31).astype(np.int64) >> 16).astype("<i2")
 
 
-def _wav_header(rate: int, channels: int, reserve_ds64: bool = False) -> Tuple[bytes, int, int]:
+def _wav_header(rate: int, channels: int, reserve_ds64: bool = False) -> tuple[bytes, int, int]:
     """A PCM_16 header with unknown sizes; returns it with the offsets of both size fields.
 
     ``reserve_ds64`` puts a 28-byte JUNK chunk (room for an RF64 ds64 chunk) first.

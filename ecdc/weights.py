@@ -16,31 +16,57 @@ files record in their header, so a file always decodes with the release that wro
 the unversioned family name (``ecdc_24khz``) means the family's newest release, and the
 manifest's ``default`` family is what is used when no model is named. Releases are never
 removed: every file ever written must stay decodable.
+
+Reading and checking a checkpoint file (weights-only loading, config fit, fingerprints,
+building the model) is in :mod:`ecdc.checkpoint`, whose public names this module
+re-exports; this one holds what is named: the registry, the bundled releases, the
+download cache, and :func:`load_weights`, which puts them together.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import json
-import mmap
 import os
 import re
-import sys
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
-import numpy as np
-import torch
-
+from .checkpoint import (
+    FINGERPRINT_KEY,
+    TRAINING_STATISTICS,
+    _load_checkpoint_file,
+    _release_mapped_pages,
+    _split_checkpoint,
+    build_model,
+    check_config_fits,
+    check_stored_fingerprint,
+    checkpoint_payload,
+    inference_state_dict,
+    parse_config,
+    stored_fingerprint,
+    weights_fingerprint,
+)
 from .errors import ModelError, WeightsError
 from .models.encodec import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
+
+__all__ = [
+    "DEFAULT_BASE_URL", "BASE_URL_ENV", "CACHE_DIR_ENV", "DOWNLOAD_TIMEOUT_S",
+    "ModelSpec", "register_model", "unregister_model", "available_models", "aliases", "resolve_name",
+    "is_known", "get_spec",
+    "RELEASES_DIR", "RELEASES_MANIFEST", "DEFAULT_MODEL", "default_model", "read_manifest", "load_releases",
+    "release_history",
+    "cache_dir", "base_url", "expected_hash_prefix", "download_checkpoint", "load_weights",
+    # from ecdc.checkpoint
+    "parse_config", "check_config_fits", "weights_fingerprint", "FINGERPRINT_KEY", "checkpoint_payload",
+    "stored_fingerprint", "check_stored_fingerprint", "TRAINING_STATISTICS", "inference_state_dict",
+    "build_model",
+]
 
 #: Meta's official download address for the released EnCodec checkpoints.
 DEFAULT_BASE_URL = "https://dl.fbaipublicfiles.com/encodec/v0/"
@@ -61,17 +87,17 @@ class ModelSpec:
 
     config: EncodecConfig
     filename: str
-    packaged: Optional[str] = None
+    packaged: str | None = None
     description: str = ""
     #: hex weights fingerprint the loaded weights must have (bundled releases), or None
-    fingerprint: Optional[str] = None
+    fingerprint: str | None = None
     #: the release's entry in releases.json (bundled releases), else None
-    release: Optional[Mapping[str, Any]] = field(default=None, compare=False)
+    release: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
-_REGISTRY: Dict[str, ModelSpec] = {}
+_REGISTRY: dict[str, ModelSpec] = {}
 #: unversioned family name -> the versioned name of its newest bundled release
-_ALIASES: Dict[str, str] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register_model(spec: ModelSpec) -> None:
@@ -83,12 +109,12 @@ def unregister_model(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def available_models() -> Dict[str, ModelSpec]:
+def available_models() -> dict[str, ModelSpec]:
     """The models loadable by their own (for releases: versioned) name."""
     return dict(_REGISTRY)
 
 
-def aliases() -> Dict[str, str]:
+def aliases() -> dict[str, str]:
     """Family names and the release each stands for (``ecdc_24khz`` -> ``ecdc_24khz_v1``)."""
     return dict(_ALIASES)
 
@@ -113,14 +139,14 @@ RELEASES_MANIFEST = RELEASES_DIR / "releases.json"
 
 #: Name of the model used when the user names none (a family alias); None while no
 #: release is bundled. Set from releases.json by :func:`load_releases`.
-DEFAULT_MODEL: Optional[str] = None
+DEFAULT_MODEL: str | None = None
 
 
-def default_model() -> Optional[str]:
+def default_model() -> str | None:
     return DEFAULT_MODEL
 
 
-def read_manifest(path: Path = RELEASES_MANIFEST) -> Dict[str, Any]:
+def read_manifest(path: Path = RELEASES_MANIFEST) -> dict[str, Any]:
     """releases.json as a dict (``{"default": None, "releases": []}`` when there is none)."""
     if not path.is_file():
         return {"default": None, "releases": []}
@@ -137,7 +163,7 @@ def load_releases(path: Path = RELEASES_MANIFEST) -> None:
         unregister_model(spec.config.name)
     _ALIASES.clear()
     manifest = read_manifest(path)
-    newest: Dict[str, Tuple[int, str]] = {}
+    newest: dict[str, tuple[int, str]] = {}
     for entry in manifest["releases"]:
         config = EncodecConfig.from_dict(entry["config"])
         if config.name != entry["name"]:
@@ -155,11 +181,11 @@ def load_releases(path: Path = RELEASES_MANIFEST) -> None:
     DEFAULT_MODEL = default
 
 
-def release_history(family: Optional[str] = None) -> List[ModelSpec]:
+def release_history(family: str | None = None) -> list[ModelSpec]:
     """The bundled releases' specs, newest first (of one family, or all)."""
-    specs = [s for s in _REGISTRY.values() if s.release is not None
-             and (family is None or s.release["family"] == family)]
-    return sorted(specs, key=lambda s: (s.release["family"], -int(s.release["version"])))
+    releases = [(s, r) for s in _REGISTRY.values() if (r := s.release) is not None
+                and (family is None or r["family"] == family)]
+    return [s for s, _ in sorted(releases, key=lambda sr: (sr[1]["family"], -int(sr[1]["version"])))]
 
 
 load_releases()
@@ -195,9 +221,9 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_checkpoint(filename: str, *, url: Optional[str] = None,
-                        directory: Optional[Path] = None,
-                        progress: Optional[Callable[[int, Optional[int]], None]] = None) -> Path:
+def download_checkpoint(filename: str, *, url: str | None = None,
+                        directory: Path | None = None,
+                        progress: Callable[[int, int | None], None] | None = None) -> Path:
     """Return the cached path of ``filename``, downloading and verifying it if needed.
 
     The file is streamed into a temporary file inside the cache directory and only
@@ -251,156 +277,7 @@ def download_checkpoint(filename: str, *, url: Optional[str] = None,
     return target
 
 
-def _load_checkpoint_file(path: Path) -> Tuple[Any, bool]:
-    """``torch.load`` restricted to tensors and plain containers: never runs pickled code.
-
-    Returns (the object, whether its tensors are memory-mapped from the file). Mapped, the
-    weights a process never touches (the other half of the model, training statistics)
-    never take memory; files in torch's legacy format are read whole.
-    """
-    try:
-        return _torch_load(path, mmap=True), True
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        pass  # reported below
-    except Exception:  # legacy format, or damaged: the plain load says which
-        pass
-    try:
-        return _torch_load(path, mmap=False), False
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such checkpoint") from None
-    except IsADirectoryError:
-        raise WeightsError(f"{path}: is a directory, not a checkpoint") from None
-    except PermissionError:
-        raise WeightsError(f"{path}: permission denied") from None
-    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-        refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
-        if refused:  # not torch's advice to load with weights_only=False: what it refused
-            reason = refused.group(1).split(". ")[0].rstrip(".")
-            raise WeightsError(f"{path}: not a loadable weights-only checkpoint (torch's weights-only "
-                               f"loader refused it: {reason[:200]})") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({first[:200]})") from None
-
-
-def _torch_load(path: Path, mmap: bool) -> Any:
-    """``torch.load(weights_only=True)`` with torch's warnings held back: its two-line
-    UserWarnings (e.g. "Detected pickle protocol 4") would precede ecdc's one-line report."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-
-
-def _split_checkpoint(obj: Any, path: Path) -> Tuple[Optional[dict], Mapping[str, torch.Tensor]]:
-    """Accept ecdc's own ``{"config", "state_dict"}`` layout or a bare state dict (Meta's)."""
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path}: checkpoint is not a state dict")
-    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        config = obj.get("config")
-        if config is not None and not isinstance(config, Mapping):
-            raise WeightsError(f"{path}: checkpoint 'config' is not a mapping")
-        state_dict = obj["state_dict"]
-        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-            raise WeightsError(f"{path}: checkpoint 'state_dict' holds something other than named tensors")
-        return (dict(config) if config is not None else None), state_dict
-    if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return None, obj
-    raise WeightsError(f"{path}: checkpoint is neither a state dict nor ecdc's checkpoint layout")
-
-
-def parse_config(raw: Any, source: str) -> EncodecConfig:
-    """A checkpoint's (untrusted) config as an :class:`EncodecConfig`, or a one-line
-    :class:`WeightsError` naming the bad field. Only checks the config on its own; see
-    :func:`check_config_fits` for whether it fits the weights."""
-    try:
-        return EncodecConfig.from_dict(raw)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise WeightsError(f"{source}: invalid model config: {exc}") from None
-
-
-_LAYER_KEY = re.compile(r"quantizer\.vq\.layers\.(\d+)\._codebook\.embed")
-_ENCODER_KEY = re.compile(r"encoder\.model\.(\d+)\.(.*)")
-_LSTM_LAYER = re.compile(r"lstm\.weight_ih_l(\d+)")
-
-
-def check_config_fits(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse, naming the field, a config that the state dict cannot be the weights of.
-
-    Runs before the model is built, on key names and shapes only (microseconds): the
-    config decides how many codebooks and layers get built, the weights do not, so a
-    checkpoint must not be able to ask for more than it holds. The strict load after the
-    build then compares every tensor.
-    """
-    def bad(field: str, detail: str) -> WeightsError:
-        return WeightsError(f"{source}: weights do not fit model {config.name!r}: the config's {field} {detail}")
-
-    def shape(key: str) -> Optional[Tuple[int, ...]]:
-        value = state_dict.get(key)
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
-    weight = "weight_v" if config.norm == "weight_norm" else "weight"
-    convs: List[int] = []  # encoder.model indices holding a plain SConv1d
-    lstm_at: Dict[int, set] = {}
-    for key in state_dict:
-        match = _ENCODER_KEY.fullmatch(key)
-        if match is None:
-            continue
-        index, rest = int(match.group(1)), match.group(2)
-        if rest == f"conv.conv.{weight}":
-            convs.append(index)
-        lstm = _LSTM_LAYER.fullmatch(rest)
-        if lstm is not None:
-            lstm_at.setdefault(index, set()).add(int(lstm.group(1)))
-    convs.sort()
-    first = shape(f"encoder.model.0.conv.conv.{weight}")
-    if not convs or convs[0] != 0 or first is None or len(first) != 3:
-        other = "weight" if weight == "weight_v" else "weight_v"
-        found = "time_group_norm" if other == "weight" else "weight_norm"
-        if shape(f"encoder.model.0.conv.conv.{other}") is not None:
-            raise bad("norm", f"is {config.norm}, the weights are {found}'s")
-        raise bad("norm", f"is {config.norm}, the weights have no encoder.model.0.conv.conv.{weight}")
-    if first[1] != config.channels:
-        raise bad("channels", f"is {config.channels}, the weights' first convolution takes {first[1]}")
-    if first[0] != config.n_filters:
-        raise bad("n_filters", f"is {config.n_filters}, the weights' first convolution makes {first[0]}")
-    downsampling = convs[1:-1]
-    if len(downsampling) != len(config.ratios):
-        raise bad("ratios", f"has {len(config.ratios)} entries, the weights' encoder {len(downsampling)} "
-                            "downsampling convolutions")
-    step = config.n_residual_layers + 2  # residual blocks, ELU, downsampling convolution
-    if downsampling != [step * (i + 1) for i in range(len(downsampling))]:
-        raise bad("n_residual_layers", f"is {config.n_residual_layers}, the weights' encoder blocks differ")
-    for index, ratio in zip(downsampling, reversed(config.ratios)):
-        kernel = shape(f"encoder.model.{index}.conv.conv.{weight}")
-        if kernel is None or len(kernel) != 3 or kernel[2] != 2 * ratio:
-            raise bad("ratios", f"ask for a stride {ratio} (kernel {2 * ratio}), the weights' encoder has "
-                                f"kernel {kernel[2] if kernel and len(kernel) == 3 else '?'}")
-    lstm_index = step * len(config.ratios) + 1
-    lstm_layers = lstm_at.get(lstm_index, set())
-    if sorted(lstm_layers) != list(range(config.lstm_layers)) or set(lstm_at) - {lstm_index}:
-        raise bad("lstm_layers", f"is {config.lstm_layers}, the weights' encoder LSTM has {len(lstm_layers)}")
-    last = shape(f"encoder.model.{convs[-1]}.conv.conv.{weight}")
-    if convs[-1] != lstm_index + (1 if config.lstm_layers else 0) + 1 or last is None or len(last) != 3:
-        raise bad("lstm_layers", f"is {config.lstm_layers}, the weights' encoder ends differently")
-    if last[0] != config.dimension:
-        raise bad("dimension", f"is {config.dimension}, the weights' encoder makes {last[0]}")
-
-    layers = sorted(int(m.group(1)) for m in map(_LAYER_KEY.fullmatch, state_dict) if m is not None)
-    if layers != list(range(len(layers))) or not layers:
-        raise bad("bandwidths", "need codebooks, the weights' quantiser layers are not numbered 0..N-1")
-    book = shape("quantizer.vq.layers.0._codebook.embed")
-    if book is None or len(book) != 2:
-        raise bad("codebook_size", "is not what the weights hold (their first codebook is not a matrix)")
-    if book[0] != config.codebook_size:
-        raise bad("codebook_size", f"is {config.codebook_size}, the weights' codebooks hold {book[0]} codes")
-    if book[1] != config.dimension:
-        raise bad("dimension", f"is {config.dimension}, the weights' codebook vectors have {book[1]}")
-    if len(layers) != config.max_codebooks:
-        raise bad("sample_rate and bandwidths", f"give {config.max_codebooks} codebooks at "
-                  f"{config.bandwidths[-1]:g} kbps (sample_rate {config.sample_rate}, hop {config.hop_length}, "
-                  f"{config.bits_per_code}-bit codes); the weights hold {len(layers)}")
-
-
-def _config_for_path(path: Path, embedded: Optional[dict], model_name: Optional[str]) -> EncodecConfig:
+def _config_for_path(path: Path, embedded: dict | None, model_name: str | None) -> EncodecConfig:
     if embedded is not None:
         return parse_config(embedded, f"{path}")
     sidecar = path.with_suffix(".json")
@@ -430,71 +307,6 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(known)}") from None
 
 
-def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],
-                        after_each: Optional[Callable[[torch.Tensor], None]] = None) -> bytes:
-    """16 bytes identifying a set of weights, independent of how the file stored them.
-
-    Hashes every tensor (as float32 for floating tensors, so an fp16-stored copy of the
-    same values and its fp32 load agree) in sorted key order. Empty tensors hold no
-    weights and are skipped (a model loaded from an inference-only release has empty
-    codebook statistics; its state dict then hashes like the file). ``after_each`` is
-    called with each tensor once it is hashed.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        original = state_dict[key].detach()
-        if original.numel() == 0:
-            continue
-        tensor = original.cpu()
-        if tensor.dtype == torch.float16:
-            # numpy's conversion (exact, as torch's): single-threaded, so it stays ~0.1 s for a
-            # release even on a busy machine, where torch's threads made it take a second.
-            tensor = torch.from_numpy(tensor.contiguous().numpy().astype(np.float32))
-        elif tensor.is_floating_point():
-            tensor = tensor.to(torch.float32)
-        digest.update(key.encode("utf-8"))
-        digest.update(str(tuple(tensor.shape)).encode("ascii"))
-        digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))  # no copy
-        if after_each is not None:
-            after_each(original)
-    return digest.digest()[:16]
-
-
-#: Key of ecdc's own checkpoints (exported model.th, releases) holding the hex
-#: :func:`weights_fingerprint` of their state dict, next to ``config``.
-FINGERPRINT_KEY = "fingerprint"
-_HEX_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
-
-
-def checkpoint_payload(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """What ecdc saves for a model: its config, its tensors, and their fingerprint.
-
-    Loading computes the fingerprint anyway (files record it), so comparing it with the
-    stored one costs nothing and turns a damaged copy (a flipped block on disk, a broken
-    transfer) into an error instead of a model that silently codes garbage.
-    """
-    tensors = dict(state_dict)
-    return {"config": config.to_dict(), "state_dict": tensors,
-            FINGERPRINT_KEY: weights_fingerprint(tensors).hex()}
-
-
-def stored_fingerprint(obj: Any, path: Path) -> Optional[str]:
-    """The fingerprint an ecdc checkpoint stores, or None (Meta's files, ecdc's from before)."""
-    if not isinstance(obj, Mapping) or FINGERPRINT_KEY not in obj:
-        return None
-    value = obj[FINGERPRINT_KEY]
-    if not isinstance(value, str) or not _HEX_FINGERPRINT.fullmatch(value):
-        raise WeightsError(f"{path}: the file is damaged: its stored weights fingerprint is not one")
-    return value
-
-
-def check_stored_fingerprint(stored: Optional[str], fingerprint: bytes, source: str) -> None:
-    """Refuse weights whose fingerprint is not the one their file stores (damage)."""
-    if stored is not None and fingerprint.hex() != stored:
-        raise WeightsError(f"{source}: the file is damaged: its weights do not match the fingerprint stored "
-                           f"with them ({fingerprint.hex()[:16]}, expected {stored[:16]}); use another copy")
-
-
 def _check_promised_sha256(path: Path) -> None:
     """Verify a file named like Meta's checkpoints and ecdc's releases, ``<model>-<sha256
     prefix>.th`` with a registered model name: its name states its hash (only such names:
@@ -511,93 +323,9 @@ def _check_promised_sha256(path: Path) -> None:
                            f"{match.group(1)}; download or copy it again")
 
 
-_MADV_DONTNEED = 4
-_madvise: Any = None
-
-
-def _release_mapped_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor memory-mapped, unmodified, from a file.
-
-    Hashing reads every weight; without this, all of the file's pages would stay in this
-    process's memory, though one direction of coding needs only half of them. The data is
-    intact: the pages are read back from the file when next used. Never call it on
-    anonymous memory, which it would zero. Linux only; elsewhere (or on failure) a no-op.
-    """
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                _madvise = libc.madvise
-                _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                _madvise.restype = ctypes.c_int
-            except (OSError, AttributeError):
-                _madvise = False
-    if not _madvise or tensor.device.type != "cpu":
-        return
-    page = mmap.PAGESIZE
-    storage = tensor.untyped_storage()
-    start = storage.data_ptr()
-    end = start + storage.nbytes()
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside only
-    if last > first:
-        _madvise(first, last - first, _MADV_DONTNEED)
-
-
-#: Codebook buffers used only to train (EMA statistics); inference-only checkpoints omit them.
-TRAINING_STATISTICS = ("._codebook.embed_avg", "._codebook.cluster_size")
-
-
-def inference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``state_dict`` without the codebooks' training statistics (what a release stores)."""
-    return {k: v for k, v in state_dict.items() if not k.endswith(TRAINING_STATISTICS)}
-
-
-def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> EncodecModel:
-    """Instantiate ``config`` and load ``state_dict`` strictly (a mismatch is the user's error).
-
-    The one thing a checkpoint may leave out is all of the codebooks' training statistics
-    (an inference-only checkpoint, like ecdc's releases): the model then holds empty
-    statistics, as after :meth:`~ecdc.models.EncodecModel.release_unused`, and codes
-    exactly as with them, but cannot be trained further.
-    """
-    check_config_fits(config, state_dict, source)  # before building what the config asks for
-    # Built on the meta device and given the checkpoint's tensors (assign=True): no random
-    # initialisation and no second copy of the weights, which would double the load's peak
-    # memory. fp16-stored weights become float32 here, one tensor at a time.
-    with torch.device("meta"):
-        model = EncodecModel(config)
-    tensors = {key: value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
-               for key, value in state_dict.items()}
-    statistics = {k for k in model.state_dict() if k.endswith(TRAINING_STATISTICS)}
-    present = {k for k in statistics if k in tensors and tensors[k].numel()}
-    inference_only = bool(statistics) and not present
-    if inference_only:
-        tensors = {k: v for k, v in tensors.items() if k not in statistics}
-    try:
-        result = model.load_state_dict(tensors, strict=not inference_only, assign=True)
-        missing = [k for k in result.missing_keys if k not in statistics] if inference_only else []
-        if missing or (inference_only and result.unexpected_keys):
-            problem = (f"Missing key(s) in state_dict: {', '.join(repr(k) for k in missing)}" if missing else
-                       f"Unexpected key(s) in state_dict: {', '.join(repr(k) for k in result.unexpected_keys)}")
-            raise RuntimeError(f"Error(s) in loading state_dict:\n{problem}")
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
-        raise WeightsError(f"{source}: weights do not fit model {config.name!r} ({detail[:200]})") from None
-    if inference_only:
-        for layer in model.quantizer.vq.layers:
-            book = layer._codebook
-            book.embed_avg = torch.empty(0, dtype=torch.float32)
-            book.cluster_size = torch.empty(0, dtype=torch.float32)
-    model.eval()
-    return model
-
-
-def load_weights(name: Optional[str] = None, checkpoint: Optional[str] = None,
-                 progress: Optional[Callable[[int, Optional[int]], None]] = None
-                 ) -> Tuple[EncodecModel, bytes]:
+def load_weights(name: str | None = None, checkpoint: str | None = None,
+                 progress: Callable[[int, int | None], None] | None = None
+                 ) -> tuple[EncodecModel, bytes]:
     """Load a model by registry name and/or checkpoint path; return it and its fingerprint."""
     if checkpoint is not None:
         path = Path(checkpoint)

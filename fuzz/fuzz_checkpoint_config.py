@@ -25,8 +25,9 @@ import math
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:
@@ -42,7 +43,7 @@ weights: Any = None
 EncodecConfig: Any = None
 WeightsError: Any = Exception
 #: (valid config dict, its state dict), mono weight_norm and stereo time_group_norm.
-MODELS: List[tuple] = []
+MODELS: list[tuple] = []
 #: The data provider class: atheris' when fuzzing, else a stand-in good enough for replays.
 Provider: Any = None
 
@@ -54,7 +55,8 @@ def _import_targets() -> None:
 
     from ecdc import weights as module
     from ecdc.errors import WeightsError as error
-    from ecdc.models.encodec import EncodecConfig as config_class, EncodecModel
+    from ecdc.models.encodec import EncodecConfig as config_class
+    from ecdc.models.encodec import EncodecModel
 
     weights, EncodecConfig, WeightsError = module, config_class, error
     mono = config_class(name="small_fuzz", sample_rate=24000, channels=1, causal=True, norm="weight_norm",
@@ -163,7 +165,7 @@ def config_from_bytes(data: bytes, provider: Callable[[bytes], Any]) -> tuple:
     index = data[-1] % len(MODELS) if data else 0
     base = MODELS[index][0]
     fdp = provider(data)
-    config: Dict[str, Any] = dict(base)
+    config: dict[str, Any] = dict(base)
     for _ in range(fdp.ConsumeIntInRange(0, 6)):
         action = fdp.ConsumeIntInRange(0, 9)
         if action == 0:  # drop a field
@@ -182,7 +184,7 @@ def config_from_bytes(data: bytes, provider: Callable[[bytes], Any]) -> tuple:
     return config, index
 
 
-def check(raw: Any, base_index: int = 0) -> Optional[Any]:
+def check(raw: Any, base_index: int = 0) -> Any | None:
     """Validate ``raw`` against model ``base_index``'s weights; the config if accepted."""
     _, state = MODELS[base_index]
     try:

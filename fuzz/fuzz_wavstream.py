@@ -20,7 +20,7 @@ import sys
 import tracemalloc
 import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +82,7 @@ class Pipe(io.RawIOBase):
         return self.read(n if n >= 0 else 1 << 16)
 
 
-def _read_all(data: bytes) -> Optional[int]:
+def _read_all(data: bytes) -> int | None:
     """Read every block of ``data``; the frame count, or None when refused (EcdcError)."""
     try:
         source = wavstream.open_audio_stream(Pipe(data))

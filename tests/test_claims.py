@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 import soundfile
 
-from conftest import TINY_MONO, TINY_STEREO, random_model, test_signal
 from ecdc import wavstream
 from ecdc.bitpack import pack_codes
 from ecdc.codec import Codec
@@ -52,6 +51,8 @@ from ecdc.container import (
 from ecdc.errors import FormatError
 from ecdc.wavstream import WavStreamReader, WavStreamWriter, to_pcm16
 from ecdc.weights import load_weights
+
+from conftest import TINY_MONO, TINY_STEREO, random_model, test_signal
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

@@ -243,7 +243,8 @@ def test_real_process_pipes_and_exit_status(tmp_path, wav_file, tiny_mono_ckpt):
                                 input=wav_file.read_bytes(), capture_output=True, env=env, timeout=120)
     assert compressed.returncode == 0, compressed.stderr.decode()
     assert EncodedAudio.from_bytes(compressed.stdout).header.model_name == "tiny_mono"
-    broken = subprocess.run(cmd + ["decompress", "-", "-o", str(tmp_path / "o.wav"), "--checkpoint", str(tiny_mono_ckpt)],
+    broken = subprocess.run(cmd + ["decompress", "-", "-o", str(tmp_path / "o.wav"),
+                                   "--checkpoint", str(tiny_mono_ckpt)],
                             input=compressed.stdout[:-3], capture_output=True, env=env, timeout=120)
     assert broken.returncode == 1
     stderr = broken.stderr.decode()

@@ -17,9 +17,9 @@ import pytest
 import soundfile
 from click.testing import CliRunner
 
-from conftest import run_as_nobody, test_signal
 from ecdc.cli import main
 
+from conftest import run_as_nobody, test_signal
 
 
 def run(*args: object):

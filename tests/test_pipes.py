@@ -21,8 +21,7 @@ from click.testing import CliRunner
 from ecdc.cli import main
 from ecdc.codec import EncodedAudio, load_model
 from ecdc.errors import AudioError
-from ecdc.wavstream import (ArraySource, SoundFileSource, WavStreamReader, WavStreamWriter, open_audio_stream,
-                            to_pcm16)
+from ecdc.wavstream import ArraySource, SoundFileSource, WavStreamReader, WavStreamWriter, open_audio_stream, to_pcm16
 
 from conftest import test_signal
 

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from conftest import run_as_nobody
 from ecdc import audio
 from ecdc.errors import AudioError, EcdcError
+
+from conftest import run_as_nobody
 
 
 def sine(freq: float, rate: int, seconds: float, channels: int = 1) -> np.ndarray:

@@ -15,11 +15,12 @@ import pytest
 import soundfile
 from click.testing import CliRunner
 
-from conftest import TINY_MONO, TINY_STEREO, random_model, test_signal
-from test_salvage import spans
 from ecdc.cli import main
 from ecdc.codec import Codec
 from ecdc.container import EcdcReader
+
+from conftest import TINY_MONO, TINY_STEREO, random_model, test_signal
+from test_salvage import spans
 
 # Clean and salvaged decodes run the same streaming decoder over the same chunks up
 # to the gap, so only float rounding separates them there.

@@ -101,7 +101,8 @@ def test_tiny_run_learns_and_its_weights_compress(corpus, tmp_path):
     """A few dozen CPU steps through the real CLI: validation mel distance falls."""
     cache, run = tmp_path / "cache", tmp_path / "run"
     overrides = ["model=\"tiny_24khz\"", "batch_size=4", "steps=60", "log_every=10", "valid_every=30",
-                 "checkpoint_every=30", "optim.lr=1e-3", "loss.discriminator_filters=8", f"data.train_folders=[\"{corpus}\"]",
+                 "checkpoint_every=30", "optim.lr=1e-3", "loss.discriminator_filters=8",
+                 f"data.train_folders=[\"{corpus}\"]",
                  "data.valid_fraction=0.3", "data.segment_seconds=0.5", "data.num_workers=0",
                  f"data.cache_dir=\"{cache}\"", "data.valid_seconds=1.0", "data.valid_items=4"]
     args = ["train", "-r", str(run), "-q", "--device", "cpu"] + [a for o in overrides for a in ("-s", o)]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 from ..errors import EcdcError
 from ..models.encodec import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig
@@ -27,7 +27,7 @@ class ConfigError(EcdcError):
 
 
 #: Architectures a config can start from by name; ``model.*`` keys override their fields.
-MODEL_PRESETS: Dict[str, EncodecConfig] = {
+MODEL_PRESETS: dict[str, EncodecConfig] = {
     # Meta's 24 kHz architecture: 32 base channels, 2-layer LSTM, 14.9 M parameters.
     "encodec_24khz": ENCODEC_24KHZ,
     "encodec_48khz": ENCODEC_48KHZ,
@@ -42,11 +42,11 @@ MODEL_PRESETS: Dict[str, EncodecConfig] = {
 
 @dataclass
 class DataConfig:
-    train_folders: List[str] = field(default_factory=list)  #: folders searched recursively for audio
-    valid_folders: List[str] = field(default_factory=list)  #: if empty, a hash split of train_folders
+    train_folders: list[str] = field(default_factory=list)  #: folders searched recursively for audio
+    valid_folders: list[str] = field(default_factory=list)  #: if empty, a hash split of train_folders
     valid_fraction: float = 0.03        #: share of files held out when valid_folders is empty
     segment_seconds: float = 1.0        #: length of a training crop
-    gain_db: Tuple[float, float] = (-10.0, 6.0)  #: random gain range applied to crops
+    gain_db: tuple[float, float] = (-10.0, 6.0)  #: random gain range applied to crops
     cache_dir: str = ""                 #: decoded-audio cache; "" = ~/.cache/ecdc/audio
     num_workers: int = 2                #: DataLoader worker processes (0 = load in the main process)
     valid_seconds: float = 4.0          #: length of each validation crop
@@ -57,7 +57,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    betas: Tuple[float, float] = (0.5, 0.9)
+    betas: tuple[float, float] = (0.5, 0.9)
     discriminator_lr: float = 3e-4
 
 
@@ -77,7 +77,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     model: str = "encodec_24khz"        #: a preset from MODEL_PRESETS
-    model_overrides: Dict[str, Any] = field(default_factory=dict)  #: EncodecConfig fields to change
+    model_overrides: dict[str, Any] = field(default_factory=dict)  #: EncodecConfig fields to change
     name: str = ""                      #: name recorded in exported checkpoints ("" = preset name)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -89,9 +89,9 @@ class TrainConfig:
     log_every: int = 25
     valid_every: int = 1000
     checkpoint_every: int = 500
-    keep_checkpoints: List[int] = field(default_factory=list)  #: steps whose checkpoint is kept as a copy
+    keep_checkpoints: list[int] = field(default_factory=list)  #: steps whose checkpoint is kept as a copy
     #: relative frequency of each model bandwidth in quantiser dropout ([] = uniform)
-    bandwidth_weights: List[float] = field(default_factory=list)
+    bandwidth_weights: list[float] = field(default_factory=list)
     ema_decay: float = 0.0              #: EMA of the generator's weights, exported as model.th (0 = off)
     dead_code_threshold: float = 2.0    #: EMA count under which a code is re-seeded (Meta: 2)
     init: str = "fan_in"                #: conv initialisation: "fan_in" (see ecdc.train.init) or "torch"
@@ -108,11 +108,11 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid model settings: {exc}") from None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
         return _build(cls, raw, "")
 
 
@@ -125,8 +125,8 @@ def _build(cls, raw: Mapping[str, Any], prefix: str):
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"unknown config key {prefix}{key!r}; known: {', '.join(sorted(fields))}")
-        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING \
-            else fields[key].default
+        factory = fields[key].default_factory  # MISSING (not callable) when the field has none
+        default = factory() if callable(factory) else fields[key].default
         if dataclasses.is_dataclass(default):
             values[key] = _build(type(default), value, f"{prefix}{key}.")
         else:
@@ -161,7 +161,7 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
     return value
 
 
-def parse_override(text: str) -> Tuple[List[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     """``data.batch_size=16`` -> (["data", "batch_size"], 16); values are TOML literals or bare strings."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not KEY=VALUE")
@@ -173,9 +173,9 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a TOML config (or the defaults) and apply ``KEY=VALUE`` overrides."""
-    raw: Dict[str, Any] = {}
+    raw: dict[str, Any] = {}
     if path is not None:
         try:
             with open(path, "rb") as f:

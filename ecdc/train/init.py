@@ -20,9 +20,10 @@ would. LSTMs keep torch's initialisation (its gates are bounded and it trains we
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..models.modules import clear_weight_cache
 
@@ -44,11 +45,12 @@ def init_for_training(model: nn.Module, scheme: str = "fan_in", gain: float = 1.
             fan_in = module.in_channels * kernel / module.stride[0]
         else:
             fan_in = module.in_channels * kernel / module.groups
-        weight = module.weight_v if hasattr(module, "weight_v") else module.weight
+        weight = cast(Tensor, module.weight_v) if hasattr(module, "weight_v") else module.weight
         weight.normal_(0.0, gain / math.sqrt(max(fan_in, 1.0)))
         if hasattr(module, "weight_g"):
             norms = weight.reshape(weight.shape[0], -1).norm(dim=1)
-            module.weight_g.copy_(norms.view_as(module.weight_g))
+            weight_g = cast(Tensor, module.weight_g)
+            weight_g.copy_(norms.view_as(weight_g))
         if module.bias is not None:
             module.bias.zero_()
     clear_weight_cache(model)

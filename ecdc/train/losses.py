@@ -15,6 +15,7 @@ validation metrics reuse them.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,10 @@ from torch.nn import functional as F
 # --------------------------------------------------------------------------- mel scale
 
 
+@overload
+def hz_to_mel(freq: float) -> float: ...
+@overload
+def hz_to_mel(freq: Tensor) -> Tensor: ...
 def hz_to_mel(freq: float | Tensor) -> float | Tensor:
     """HTK mel scale, ``2595 log10(1 + f / 700)`` (torchaudio's default ``mel_scale="htk"``)."""
     if isinstance(freq, Tensor):
@@ -30,6 +35,10 @@ def hz_to_mel(freq: float | Tensor) -> float | Tensor:
     return 2595.0 * math.log10(1.0 + freq / 700.0)
 
 
+@overload
+def mel_to_hz(mel: float) -> float: ...
+@overload
+def mel_to_hz(mel: Tensor) -> Tensor: ...
 def mel_to_hz(mel: float | Tensor) -> float | Tensor:
     """Inverse of ``hz_to_mel``."""
     if isinstance(mel, Tensor):
