@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Iterator, NamedTuple, Union
+from typing import Iterator, NamedTuple
 
 from ..errors import FormatError
 from .chunks import (
@@ -86,8 +86,8 @@ class EofEvent(NamedTuple):
 
 
 #: What :meth:`ResyncScanner.events` yields.
-Event = Union[ChunkEvent, EndEvent, OtherEvent, SkipEvent, EofEvent]
-_Parsed = Union[ChunkEvent, EndEvent, OtherEvent]
+Event = ChunkEvent | EndEvent | OtherEvent | SkipEvent | EofEvent
+_Parsed = ChunkEvent | EndEvent | OtherEvent
 
 
 # --------------------------------------------------------------------------- stage 1
