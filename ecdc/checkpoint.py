@@ -5,6 +5,8 @@ can never run code; its layout is checked (:func:`_split_checkpoint`), its confi
 (:func:`parse_config`) and compared with the state dict's shapes before the model is built
 (:func:`check_config_fits`), and its weights are identified by a fingerprint
 (:func:`weights_fingerprint`) that ecdc's own checkpoints store and that is checked on load.
+A bare state dict's key names and shapes can be compared with an architecture's
+(:func:`model_layout`, :func:`compare_layout`), which is how its architecture is recognised.
 Nothing here knows model names, the registry or downloads: that is :mod:`ecdc.weights`,
 which re-exports these names.
 """
@@ -13,13 +15,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
+import math
 import mmap
 import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, cast
 
 import numpy as np
@@ -176,6 +182,80 @@ def check_config_fits(config: EncodecConfig, state_dict: Mapping[str, torch.Tens
         raise bad("sample_rate and bandwidths", f"give {config.max_codebooks} codebooks at "
                   f"{config.bandwidths[-1]:g} kbps (sample_rate {config.sample_rate}, hop {config.hop_length}, "
                   f"{config.bits_per_code}-bit codes); the weights hold {len(layers)}")
+
+
+@functools.lru_cache(maxsize=None)
+def model_layout(config: EncodecConfig) -> Mapping[str, tuple[int, ...]]:
+    """The key -> shape map of ``config``'s state dict: what its weights must look like.
+
+    Built on the meta device, so no weights are allocated (~0.1 s), and cached: a bare
+    state dict is compared with the known layouts to tell which architecture it is.
+    """
+    with torch.device("meta"):
+        model = EncodecModel(config)
+    return MappingProxyType({key: tuple(value.shape) for key, value in model.state_dict().items()})
+
+
+@dataclass(frozen=True)
+class LayoutDifference:
+    """How a state dict differs from a layout: keys missing, keys unexpected, and
+    (key, found shape, expected shape) for the keys whose shapes differ."""
+
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    reshaped: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+    shared: int  # keys in both, whatever their shapes
+
+    @property
+    def matches(self) -> bool:
+        return not (self.missing or self.unexpected or self.reshaped)
+
+    @property
+    def size(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.reshaped)
+
+    def describe(self) -> str:
+        """The difference in a few words, with one example: "3 keys missing, 1 shape differs,
+        e.g. encoder.model.0.conv.conv.weight_v is [32, 2, 7], expected [32, 1, 7]"."""
+        def count(n: int, one: str, many: str) -> str:
+            return f"{n} {one if n == 1 else many}"
+
+        parts = [text for n, text in ((len(self.missing), count(len(self.missing), "key missing", "keys missing")),
+                                      (len(self.unexpected), count(len(self.unexpected), "key unexpected",
+                                                                   "keys unexpected")),
+                                      (len(self.reshaped), count(len(self.reshaped), "shape differs",
+                                                                 "shapes differ"))) if n]
+        if self.reshaped:
+            key, found, expected = self.reshaped[0]
+            example = f"{key} is {list(found)}, expected {list(expected)}"
+        elif self.missing:
+            example = f"no {self.missing[0]}"
+        else:
+            example = f"an unexpected {self.unexpected[0]}" if self.unexpected else ""
+        text = ", ".join(parts) or "matches"
+        return f"{text}, e.g. {example[:160]}" if example else text
+
+
+def compare_layout(state_dict: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, ...]]
+                   ) -> LayoutDifference:
+    """Compare a state dict's key names and shapes with ``layout`` (its data is never read,
+    so a memory-mapped checkpoint stays on disk). A state dict without the codebooks'
+    training statistics (inference-only, as :func:`build_model` accepts) is compared with
+    the layout without them."""
+    found = {key: tuple(value.shape) for key, value in state_dict.items()}
+    if not any(key.endswith(TRAINING_STATISTICS) and math.prod(shape) for key, shape in found.items()):
+        found = {k: v for k, v in found.items() if not k.endswith(TRAINING_STATISTICS)}
+        layout = {k: v for k, v in layout.items() if not k.endswith(TRAINING_STATISTICS)}
+    missing = tuple(sorted((k for k in layout if k not in found), key=_natural))
+    unexpected = tuple(sorted((k for k in found if k not in layout), key=_natural))
+    reshaped = tuple((k, found[k], layout[k]) for k in sorted(found, key=_natural)
+                     if k in layout and found[k] != layout[k])
+    return LayoutDifference(missing, unexpected, reshaped, shared=sum(1 for k in found if k in layout))
+
+
+def _natural(key: str) -> list[Any]:
+    """Sort key for state dict names: ``model.2`` before ``model.10``, as the model lists them."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
 def weights_fingerprint(state_dict: Mapping[str, torch.Tensor],

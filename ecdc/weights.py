@@ -2,7 +2,8 @@
 
 A model is known by name (``encodec_24khz``) or given as a checkpoint path. Downloaded
 checkpoints are verified against the sha256 prefix in their file name before they are
-cached, and every checkpoint is loaded with ``weights_only=True``: a checkpoint is
+cached (a cached file that does not match is refused, never deleted: ecdc cannot know it
+put it there), and every checkpoint is loaded with ``weights_only=True``: a checkpoint is
 untrusted input and must never be able to run code, nor (through its config) make ecdc
 build more than its weights hold: the config is checked against the state dict's shapes
 before the model is built (:func:`check_config_fits`). ecdc's own checkpoints store their
@@ -47,7 +48,9 @@ from .checkpoint import (
     check_config_fits,
     check_stored_fingerprint,
     checkpoint_payload,
+    compare_layout,
     inference_state_dict,
+    model_layout,
     parse_config,
     stored_fingerprint,
     weights_fingerprint,
@@ -62,10 +65,11 @@ __all__ = [
     "RELEASES_DIR", "RELEASES_MANIFEST", "DEFAULT_MODEL", "default_model", "read_manifest", "load_releases",
     "release_history",
     "cache_dir", "base_url", "expected_hash_prefix", "download_checkpoint", "load_weights",
+    "DETECTABLE", "detect_config",
     # from ecdc.checkpoint
     "parse_config", "check_config_fits", "weights_fingerprint", "FINGERPRINT_KEY", "checkpoint_payload",
     "stored_fingerprint", "check_stored_fingerprint", "TRAINING_STATISTICS", "inference_state_dict",
-    "build_model",
+    "build_model", "model_layout", "compare_layout",
 ]
 
 #: Meta's official download address for the released EnCodec checkpoints.
@@ -227,16 +231,18 @@ def download_checkpoint(filename: str, *, url: str | None = None,
     """Return the cached path of ``filename``, downloading and verifying it if needed.
 
     The file is streamed into a temporary file inside the cache directory and only
-    renamed into place once its sha256 matches the prefix in its name, so the cache
-    never holds an unverified file.
+    moved into place once its sha256 matches the prefix in its name, so the cache never
+    holds an unverified file of ecdc's. A file already there under that name whose hash
+    does not match is refused, never deleted or overwritten: ecdc cannot know it wrote it
+    (a user's own checkpoint copied in under Meta's name was once removed). The only file
+    ecdc removes is its own temporary one.
     """
     directory = Path(directory) if directory is not None else cache_dir()
     target = directory / filename
     prefix = expected_hash_prefix(filename)
     if target.is_file():
-        if _sha256_of(target).startswith(prefix):
-            return target
-        target.unlink()  # a damaged cache entry: fetch it again
+        _check_cached(target, prefix)
+        return target
     url = url or base_url() + filename
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -270,14 +276,77 @@ def download_checkpoint(filename: str, *, url: str | None = None,
                 f"downloaded {url} has sha256 {actual[:16]}..., expected a prefix {prefix}: "
                 "refusing to use it"
             )
-        os.replace(tmp, target)
+        _move_into_cache(tmp, target, prefix)
     finally:
         if tmp.exists():
             tmp.unlink()
     return target
 
 
-def _config_for_path(path: Path, embedded: dict | None, model_name: str | None) -> EncodecConfig:
+def _check_cached(target: Path, prefix: str) -> None:
+    """Refuse, leaving it as it is, a cached file whose sha256 is not the one its name states."""
+    try:
+        actual = _sha256_of(target)
+    except OSError as exc:
+        raise WeightsError(f"cannot read cached checkpoint {target}: {exc.strerror or exc}") from None
+    if not actual.startswith(prefix):
+        raise WeightsError(
+            f"{target}: its sha256 ({actual[:16]}...) does not match the expected prefix {prefix}; ecdc leaves "
+            "the file as it is: move it away (or delete it yourself) to download it again, or pass it with "
+            "--checkpoint PATH if it is your own checkpoint"
+        )
+
+
+def _move_into_cache(tmp: Path, target: Path, prefix: str) -> None:
+    """Put a verified download at ``target`` without replacing a file that appeared there
+    meanwhile (another ecdc's download is kept; anything else is refused, not overwritten)."""
+    try:
+        os.link(tmp, target)  # fails if target exists, unlike a rename
+    except FileExistsError:
+        _check_cached(target, prefix)
+    except OSError:  # a file system without hard links
+        if target.exists():
+            _check_cached(target, prefix)
+        else:
+            os.replace(tmp, target)
+
+
+#: Architectures recognised from a bare state dict's key names and shapes: Meta's
+#: checkpoints hold no config, and their layouts differ (channels, norm, codebooks).
+DETECTABLE: tuple[EncodecConfig, ...] = (ENCODEC_24KHZ, ENCODEC_48KHZ)
+
+
+def detect_config(state_dict: Mapping[str, Any], source: str) -> EncodecConfig | None:
+    """The one architecture of :data:`DETECTABLE` whose every key and shape ``state_dict``
+    has (None if none does); two matching would be ambiguous, and is refused."""
+    matches = [c for c in DETECTABLE if compare_layout(state_dict, model_layout(c)).matches]
+    if len(matches) > 1:
+        raise WeightsError(f"{source}: the state dict matches several architectures "
+                           f"({', '.join(c.name for c in matches)}); pass --model NAME")
+    return matches[0] if matches else None
+
+
+def _no_layout_message(path: Path, state_dict: Mapping[str, Any]) -> str:
+    """What a bare state dict of no known architecture holds, and the closest one."""
+    n = len(state_dict)
+    found = f"a state dict of {n} tensor{'' if n == 1 else 's'} that matches no known EnCodec layout"
+    differences = [(c.name, compare_layout(state_dict, model_layout(c))) for c in DETECTABLE]
+    shared = [(name, d) for name, d in differences if d.shared]
+    if shared:
+        name, closest = min(shared, key=lambda nd: nd[1].size)
+        found += f" (closest: {name}, {closest.describe()})"
+    elif n:
+        found += f" (it shares no key with {' or '.join(name for name, _ in differences)})"
+    return (f"{path}: {found}; pass --model NAME for another registered architecture (ecdc models "
+            f"lists them), or put its config in {path.with_suffix('.json').name}")
+
+
+def _config_for_path(path: Path, embedded: dict | None, model_name: str | None,
+                     state_dict: Mapping[str, Any]) -> EncodecConfig:
+    """The architecture of a checkpoint file, in order: the config it embeds (ecdc's own),
+    its ``.json`` sidecar, the model the user names (checked against the weights when
+    built), the known layout its keys and shapes match (Meta's), a registered name its
+    file name starts with; else a one-line error saying what the file holds."""
     if embedded is not None:
         return parse_config(embedded, f"{path}")
     sidecar = path.with_suffix(".json")
@@ -289,13 +358,13 @@ def _config_for_path(path: Path, embedded: dict | None, model_name: str | None) 
         return parse_config(raw, str(sidecar))
     if model_name is not None:
         return get_spec(model_name).config
+    detected = detect_config(state_dict, str(path))
+    if detected is not None:
+        return detected
     for spec in _REGISTRY.values():
         if path.name.startswith(spec.config.name + "-") or path.stem == spec.config.name:
             return spec.config
-    raise WeightsError(
-        f"{path}: cannot tell which architecture this checkpoint is; pass --model NAME "
-        f"(one of {', '.join(sorted(_REGISTRY))}) or put its config in {sidecar.name}"
-    )
+    raise WeightsError(_no_layout_message(path, state_dict))
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -334,7 +403,7 @@ def load_weights(name: str | None = None, checkpoint: str | None = None,
         embedded, state_dict = _split_checkpoint(loaded, path)
         stored = stored_fingerprint(loaded, path)
         del loaded
-        config = _config_for_path(path, embedded, name)
+        config = _config_for_path(path, embedded, name, state_dict)
         source = str(path)
     else:
         if name is None:

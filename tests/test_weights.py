@@ -106,15 +106,65 @@ def test_bad_hash_is_refused_and_not_cached(http_server, cache, registered_tiny,
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
-def test_damaged_cache_entry_is_fetched_again(http_server, cache, registered_tiny, monkeypatch):
+def test_cached_file_with_the_wrong_hash_is_refused_and_kept(http_server, cache, registered_tiny, monkeypatch):
+    """ecdc cannot tell a damaged download from a user's file copied in under the registered
+    name (93 MB of someone's checkpoint were once deleted): it refuses it and leaves it."""
     root, url, requests = http_server
     filename, data = registered_tiny
     (root / filename).write_bytes(data)
     cache.mkdir()
     (cache / filename).write_bytes(data[:100])
     monkeypatch.setenv(weights.BASE_URL_ENV, url)
-    ecdc.load_model("tiny_mono")
-    assert (cache / filename).read_bytes() == data and len(requests) == 1
+    with pytest.raises(WeightsError) as info:
+        ecdc.load_model("tiny_mono")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{cache / filename}: its sha256 (")
+    assert f"does not match the expected prefix {filename[10:18]}" in message
+    assert "move it away" in message and "--checkpoint" in message
+    assert (cache / filename).read_bytes() == data[:100]  # byte for byte
+    assert requests == [] and [p.name for p in cache.iterdir()] == [filename]
+
+
+def test_download_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
+    """A verified download is linked into place, not renamed over what is there: another
+    ecdc's identical download is kept as is, anything else is refused and kept."""
+    good = b"weights"
+    prefix = hashlib.sha256(good).hexdigest()[:8]
+    target = tmp_path / f"m-{prefix}.th"
+    for present, refused in ((good, False), (b"someone else's", True)):
+        target.write_bytes(present)
+        tmp = tmp_path / ".part"
+        tmp.write_bytes(good)
+        if refused:
+            with pytest.raises(WeightsError, match="does not match the expected prefix"):
+                weights._move_into_cache(tmp, target, prefix)
+        else:
+            weights._move_into_cache(tmp, target, prefix)
+        assert target.read_bytes() == present
+        tmp.unlink()
+
+
+def test_cli_refuses_a_foreign_file_in_the_cache_and_keeps_it(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = cache / "encodec_24khz-d7cc33bc.th"
+    torch.save(random_model(TINY_MONO, seed=9).state_dict(), str(cached))  # someone's own checkpoint
+    before = cached.read_bytes()
+    wav = tmp_path / "a.wav"
+    import soundfile
+
+    soundfile.write(str(wav), test_signal(0.2, 24000).T, 24000)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1",
+           weights.CACHE_DIR_ENV: str(cache), weights.BASE_URL_ENV: _closed_port_url()}
+    done = subprocess.run([sys.executable, "-m", "ecdc", "compress", str(wav), "--model", "encodec_24khz"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ecdc: error: "), done.stderr[-2000:]
+    assert f"{cached}: its sha256 (" in lines[0] and "Traceback" not in done.stderr
+    assert "does not match the expected prefix d7cc33bc" in lines[0] and "--checkpoint" in lines[0]
+    assert cached.read_bytes() == before and [p.name for p in cache.iterdir()] == [cached.name]
+    assert not wav.with_suffix(".ecdc").exists()
 
 
 def _closed_port_url() -> str:
