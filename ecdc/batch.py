@@ -32,16 +32,21 @@ from .convert import (
     output_clash,
 )
 from .errors import EcdcError
-from .messages import describe_error, emit, error_line, printable, warning_line
+from .messages import PathError, describe_error, emit, error_line, printable, stdin_note, warning_line
 from .outputs import make_parents
 from .pool import cpu_count, run_pool
 from .streams import STDIO
 
 __all__ = [  # with what a batch is planned and run with, importable from here as it always was
     "AUDIO_EXTENSIONS", "ECDC_EXTENSION", "CompressOptions", "DecompressOptions", "Job", "ModelChoice", "Plan",
-    "Summary", "convert_single", "cpu_count", "is_batch", "plan_batch", "progress_enabled", "run_batch",
-    "single_output",
+    "Summary", "check_batch_output", "convert_single", "cpu_count", "is_batch", "names_directory", "plan_batch",
+    "progress_enabled", "run_batch", "single_output",
 ]
+
+#: Suffixes that make an ``-o`` look like one file (what either command reads or writes).
+_FILE_SUFFIXES = AUDIO_EXTENSIONS | {ECDC_EXTENSION, ".raw"}
+#: Inputs that are more likely a format name from ffmpeg's ``-f FORMAT`` habit than a file.
+_FORMAT_NAMES = frozenset(suffix[1:] for suffix in _FILE_SUFFIXES) | {"s16le", "pcm"}
 
 # --------------------------------------------------------------------------- planning a batch
 
@@ -74,16 +79,64 @@ def is_batch(inputs: Sequence[str], recursive: bool) -> bool:
     return recursive and inputs[0] != STDIO and os.path.isdir(inputs[0])
 
 
+def names_directory(output: str | None) -> bool:
+    """Whether ``-o`` ends with a path separator: a directory, as ``cp`` and ``mv`` read it,
+    whether or not it exists yet."""
+    if output is None or output == STDIO:
+        return False
+    return output.endswith(os.sep) or bool(os.altsep and output.endswith(os.altsep))
+
+
+def _without_slash(output: str) -> str:
+    """``output`` without trailing separators, so that ``file/`` is seen to exist."""
+    return output.rstrip(os.sep + (os.altsep or "")) or output
+
+
 def single_output(src: str, output: str | None, suffix: str) -> str:
-    """Where a single conversion writes: ``-o`` (a file, or into an existing directory),
-    else beside the input with ``suffix`` (stdout for stdin)."""
+    """Where a single conversion writes: ``-o`` (a file, or into a directory: an existing
+    one, or one named with a trailing ``/``, which :func:`convert_single` creates), else
+    beside the input with ``suffix`` (stdout for stdin)."""
     if output is None:
         return STDIO if src == STDIO else str(Path(src).with_suffix(suffix))
-    if output != STDIO and os.path.isdir(output):
+    if output == STDIO:
+        return output
+    named_dir = names_directory(output)
+    if named_dir and not os.path.isdir(output) and os.path.lexists(_without_slash(output)):
+        raise PathError(output, "not a directory (a trailing / names one)")
+    if named_dir or os.path.isdir(output):
         if src == STDIO:
-            raise EcdcError(f"{output} is a directory; name the output file for stdin with -o FILE")
+            raise PathError(output, "is a directory; name the output file for stdin with -o FILE")
         return str(Path(output) / Path(src).with_suffix(suffix).name)
     return output
+
+
+def check_batch_output(output: str | None, inputs: Sequence[str]) -> None:
+    """Refuse, before anything is loaded or created, an ``-o`` that cannot take several
+    outputs: stdout, an existing file, or a name that looks like one file (``y.wav``: most
+    likely ``-f FORMAT`` read as ffmpeg's, which made ``FORMAT`` a second input)."""
+    if output is None:
+        return
+    if output == STDIO:
+        raise PathError(STDIO, "-o - (stdout) takes a single input file")
+    if os.path.isdir(output):
+        return
+    if os.path.lexists(_without_slash(output)):
+        raise PathError(output, "with several inputs -o must be a directory")
+    if not names_directory(output) and Path(output).suffix.lower() in _FILE_SUFFIXES:
+        format_name = _format_name(inputs)
+        hint = f" (is {format_name} meant as a format? {_FORCE_NOT_FORMAT})" if format_name else ""
+        raise PathError(output, f"-o looks like one file, but a batch writes several{hint}; "
+                                f"for a directory of that name end it with /")
+
+
+#: Said of an input that does not exist and is named like a format (``-f wav``).
+_FORCE_NOT_FORMAT = "-f means --force here; the format comes from the output's suffix"
+
+
+def _format_name(inputs: Sequence[str]) -> str | None:
+    """The first input that does not exist and is named like a format, as ffmpeg's
+    ``-f FORMAT`` habit makes one, or None."""
+    return next((arg for arg in inputs if arg.lower() in _FORMAT_NAMES and not os.path.lexists(arg)), None)
 
 
 def plan_batch(kind: str, inputs: Sequence[str], output_dir: str | None, recursive: bool, force: bool,
@@ -100,13 +153,13 @@ def plan_batch(kind: str, inputs: Sequence[str], output_dir: str | None, recursi
     wanted = direction.extensions
     plan = Plan()
     claimed: dict[str, str] = {}
-    if output_dir is not None and os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise EcdcError(f"{output_dir}: with several inputs -o must be a directory")
+    check_batch_output(output_dir, inputs)
     for arg in inputs:
         if arg == STDIO:
             raise EcdcError("- (stdin) cannot be combined with other inputs")
         if not os.path.exists(arg):
-            plan.errors.append((arg, "no such file or directory"))
+            hint = f" ({_FORCE_NOT_FORMAT})" if _format_name([arg]) else ""
+            plan.errors.append((arg, "no such file or directory" + hint))
             continue
         if os.path.isdir(arg):
             if not recursive:
@@ -224,28 +277,54 @@ class Summary:
 
 
 class _Progress:
-    """A tqdm bar over audio seconds with a files count, or nothing."""
+    """A tqdm bar over audio seconds with a files count, or nothing.
+
+    tqdm counts whole milliseconds (``unit_scale`` shows them as seconds), so that sums of
+    float increments cannot drift past the total (tqdm's "clamping frac" warning) nor be
+    shown as ``21.529999999999998``; seconds are shown rounded (tenths under 10 s). The
+    total starts as the inputs' estimates and becomes each file's real length as it is
+    done; the count never passes the total.
+    """
 
     def __init__(self, enabled: bool, total_seconds: float, files: int, stream: TextIO | None):
         self.files = files
         self.done = 0
         self.stream = stream
         self.bar = None
+        self.total_ms = _ms(total_seconds)  #: 0: unknown (stdin, or no estimates)
+        self.advanced_ms = 0  #: what the conversions reported, which may overshoot the total
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(total_seconds) or None, unit="s", file=stream, leave=False,
-                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s of audio "
-                                                           "[{elapsed}<{remaining}{postfix}]")
+            digits = 1 if 0 < total_seconds < 10 else 0
+            if self.total_ms:
+                shape = f"{{l_bar}}{{bar}}| {{n:.{digits}f}}/{{total:.{digits}f}} s of audio [{{elapsed}}<{{remaining}}"
+            else:  # no bar to fill, no time to predict
+                shape = "{n:.0f} s of audio [{elapsed}"
+            self.bar = tqdm(total=self.total_ms or None, unit="s", unit_scale=0.001, file=stream, leave=False,
+                            dynamic_ncols=True, bar_format=shape + "{postfix}]")
             self._postfix()
 
     def advance(self, seconds: float) -> None:
         if self.bar is not None and seconds:
-            self.bar.update(round(seconds, 2))
+            self.advanced_ms += _ms(seconds)
+            self._show()
 
-    def file_done(self) -> None:
+    def file_done(self, estimate: float = 0.0, actual: float | None = None) -> None:
+        """One file finished; with its ``actual`` length the total takes it in place of its ``estimate``."""
         self.done += 1
+        if self.bar is not None and self.total_ms and actual is not None:
+            self.total_ms = max(1, self.total_ms + _ms(actual) - _ms(estimate))  # stays known
+            self.bar.total = self.total_ms
+            self._show()
         self._postfix()
+
+    def _show(self) -> None:
+        if self.bar is None:
+            return
+        shown = min(self.advanced_ms, self.total_ms) if self.total_ms else self.advanced_ms
+        if shown != self.bar.n:
+            self.bar.update(shown - self.bar.n)
 
     def _postfix(self) -> None:
         if self.bar is not None:
@@ -262,12 +341,13 @@ class _Progress:
             self.bar.close()
 
 
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
 def progress_enabled(quiet: bool, stream: TextIO | None) -> bool:
     """Bars only on a terminal, and never with ``-q``."""
-    try:
-        return not quiet and stream is not None and stream.isatty()
-    except (AttributeError, ValueError):
-        return False
+    return not quiet and _is_terminal(stream)
 
 
 def _warn_to(bar: _Progress, src: str) -> WarnFn:
@@ -276,19 +356,32 @@ def _warn_to(bar: _Progress, src: str) -> WarnFn:
 
 
 def convert_single(conversion: Conversion, src: str, dst: str, quiet: bool = False,
-                   stream: TextIO | None = None, overwrite: bool = False) -> float:
+                   stream: TextIO | None = None, overwrite: bool = False, make_dirs: bool = False) -> float:
     """One conversion with a progress bar on a terminal; returns its seconds of audio, and
     errors propagate to the caller.
 
     ``overwrite`` is ``-f``: without it the output must not exist when it is renamed into place.
+    ``make_dirs`` creates the folders above ``dst`` first (``-o DIR/`` names a directory).
+    Reading ``-`` from a terminal, it says first that it waits for standard input (unless ``quiet``).
     """
     stream = stream or sys.stderr
+    if make_dirs:
+        make_parents(dst)
+    if src == STDIO and not quiet and _is_terminal(sys.stdin):
+        emit(stdin_note(conversion.reads), stream)
     seconds = conversion.estimate_seconds(src) if src != STDIO else 0.0
     bar = _Progress(progress_enabled(quiet, stream), seconds, 1, stream)
     try:
         return conversion.convert(src, dst, bar.advance, _warn_to(bar, src), overwrite).duration
     finally:
         bar.close()
+
+
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def run_batch(conversion: Conversion, plan: Plan, workers: int = 1, quiet: bool = False,
@@ -320,7 +413,7 @@ def run_batch(conversion: Conversion, plan: Plan, workers: int = 1, quiet: bool 
         else:
             summary.failed += 1
             report(job.src, error)
-        bar.file_done()
+        bar.file_done(job.seconds, seconds if error is None else 0.0)
 
     try:
         if workers <= 1 or len(plan.jobs) <= 1:

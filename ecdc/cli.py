@@ -4,10 +4,12 @@ what messages say is :mod:`ecdc.messages`'s."""
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 
@@ -26,14 +28,29 @@ from .convert import (
     read_encoded,
     require_stream,
 )
-from .messages import PathError, emit, messages_lost, run_reporting
+from .errors import EcdcError
+from .messages import command_error_line, emit, messages_lost, printable, run_reporting
 from .models.encodec import format_kbps
 from .pool import interrupts_as_keyboard
-from .streams import STDIO
 
 
-def _fail(where: str, message: str) -> NoReturn:
-    raise PathError(where, message)
+class Bandwidth(click.ParamType):
+    """``-b``: kbps as ffmpeg and opusenc users write it: ``6``, ``6.0``, ``6k``, ``6kbps``,
+    ``6 kbps``, ``6kb/s`` (any case). Whether the model has that bandwidth is checked once
+    it is loaded."""
+
+    name = "kbps"
+    _PATTERN = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(k|kbps|kb/s|kbit/s)?\s*", re.IGNORECASE)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        match = self._PATTERN.fullmatch(str(value))
+        kbps = float(match.group(1)) if match else math.nan
+        if not kbps > 0:
+            self.fail(f"{value!r} is not a bitrate: give kbps as 6, 6k or 6kbps "
+                      f"(24 kHz models: 1.5, 3, 6, 12, 24; 48 kHz: 3, 6, 12, 24)", param, ctx)
+        return kbps
 
 
 def _report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,17 +139,35 @@ recursive_option = click.option("-r", "--recursive", is_flag=True,
 jobs_option = click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 256), metavar="N",
                            help="Convert N files at a time (processes sharing the CPU cores).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-force_option = click.option("-f", "--force", is_flag=True,
-                                  help="Overwrite existing outputs (with several inputs they are skipped otherwise).")
+force_option = click.option("-f", "-y", "--force", is_flag=True,
+                            help="Overwrite existing outputs (with several inputs they are skipped otherwise; "
+                                 "-y as in ffmpeg).")
+no_overwrite_option = click.option("-n", "--no-overwrite", is_flag=True,
+                                   help="Never overwrite (the default; ffmpeg's -n): an existing output is an "
+                                        "error for a single input and skipped in a batch.")
 
 
 def _conversion_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options that ``compress`` and ``decompress`` end with, in their --help order,
     around the command run under :func:`_report_errors`."""
     func = _report_errors(func)
-    for option in (quiet_option, jobs_option, recursive_option, force_option, device_option):
+    func = _no_contradiction(func)
+    for option in (quiet_option, jobs_option, recursive_option, no_overwrite_option, force_option, device_option):
         func = option(func)
     return func
+
+
+def _no_contradiction(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse ``-n`` with ``-f``/``-y`` as a usage error; the command never sees ``-n``,
+    which asks for what it does anyway."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, no_overwrite: bool, **kwargs: Any) -> Any:
+        if no_overwrite and kwargs.get("force"):
+            raise click.UsageError("-n (never overwrite) contradicts -f/-y (overwrite)")
+        return func(*args, **kwargs)
+
+    return wrapper
 
 
 @main.command()
@@ -140,8 +175,9 @@ def _conversion_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-o", "--output", metavar="OUTPUT",
               help="Output file (- for stdout), or the directory for several inputs "
                    "(default: beside each input, suffix .ecdc; stdout for stdin).")
-@click.option("-b", "--bandwidth", default=6.0, show_default=True, type=float, metavar="KBPS",
-              help="Target bitrate in kbps. 24 kHz models: 1.5, 3, 6, 12, 24 (2, 4, 8, 16, 32 codebooks).")
+@click.option("-b", "--bandwidth", default=6.0, show_default=True, type=Bandwidth(), metavar="KBPS",
+              help="Target bitrate in kbps (6, 6k or 6kbps). 24 kHz models: 1.5, 3, 6, 12, 24 "
+                   "(2, 4, 8, 16, 32 codebooks).")
 @model_option
 @checkpoint_option
 @click.option("--stereo", type=click.Choice(STEREO_CHOICES), default=None,
@@ -194,11 +230,11 @@ def _convert(conversion: Conversion, inputs: Sequence[str], output: str | None, 
         conversion.check(src, dst, force)
         conversion.preload(batch=False)
         with interrupts_as_keyboard():
-            batch.convert_single(conversion, src, dst, quiet, overwrite=force)
+            batch.convert_single(conversion, src, dst, quiet, overwrite=force,
+                                 make_dirs=batch.names_directory(output))
         return
+    batch.check_batch_output(output, inputs)  # before the model loads and any folder is made
     conversion.preload(batch=True)
-    if output == STDIO:
-        _fail(STDIO, "-o - (stdout) takes a single input file")
     plan = batch.plan_batch(conversion.kind, inputs, output, recursive, force, conversion.options)
     with interrupts_as_keyboard():
         summary = batch.run_batch(conversion, plan, jobs, quiet)
@@ -208,13 +244,40 @@ def _convert(conversion: Conversion, inputs: Sequence[str], output: str | None, 
 
 
 @main.command()
-@click.argument("input_path", metavar="FILE")
+@click.argument("inputs", metavar="FILE...", nargs=-1, required=True)
 @_report_errors
-def info(input_path: str) -> None:
-    """Show what a .ecdc file holds (reads and checks the whole file)."""
-    check_input(input_path)
+def info(inputs: tuple[str, ...]) -> None:
+    """Show what .ecdc files hold (reads and checks each whole file)."""
+    if len(inputs) == 1:
+        for line in _info_lines(inputs[0]):
+            click.echo(line)
+        return
     require_stream(sys.stdout, "output")
-    encoded, size = read_encoded(input_path)
+    shown = failed = 0
+    for src in inputs:
+        # Several files: each block headed by its name, as head(1) does; a bad one is one line on stderr.
+        try:
+            lines = _info_lines(src)
+        except BrokenPipeError:
+            raise
+        except (EcdcError, MemoryError, OSError) as exc:
+            sys.stdout.flush()
+            emit(command_error_line(exc, src), sys.stderr)
+            failed += 1
+            continue
+        click.echo(("\n" if shown else "") + printable(f"==> {src} <=="))
+        for line in lines:
+            click.echo(line)
+        shown += 1
+    if failed:
+        sys.exit(1)
+
+
+def _info_lines(src: str) -> list[str]:
+    """What ``info`` shows of one file, read and checked whole before anything is shown."""
+    check_input(src)
+    require_stream(sys.stdout, "output")
+    encoded, size = read_encoded(src)
     h = encoded.header
     duration = encoded.num_samples / h.sample_rate
     streams = 2 if h.stereo_mode == StereoMode.DUAL else 1
@@ -232,8 +295,7 @@ def info(input_path: str) -> None:
         ("bitrate", f"{size * 8 / duration / 1000:.2f} kbps overall" if duration > 0 else "n/a"),
     ]
     width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        click.echo(f"{key.ljust(width)}  {value}")
+    return [f"{key.ljust(width)}  {value}" for key, value in rows]
 
 
 @main.command()

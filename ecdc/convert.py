@@ -223,6 +223,7 @@ class Conversion(abc.ABC):
 
     kind: ClassVar[str]  #: ``"compress"`` or ``"decompress"``, as the command is called
     extensions: ClassVar[frozenset[str]]  #: of the inputs ``-r`` picks up
+    reads: ClassVar[str]  #: what its input holds, in words ("audio"), for the line about waiting for stdin
 
     def __init__(self, codecs: CodecCache, options: Options):
         self.codecs = codecs
@@ -268,6 +269,7 @@ class Compression(Conversion):
 
     kind = "compress"
     extensions = AUDIO_EXTENSIONS
+    reads = "audio"
     options: CompressOptions
 
     def __init__(self, codecs: CodecCache, options: CompressOptions = CompressOptions()):
@@ -306,6 +308,7 @@ class Decompression(Conversion):
 
     kind = "decompress"
     extensions = frozenset({ECDC_EXTENSION})
+    reads = ".ecdc data"
     options: DecompressOptions
 
     def __init__(self, codecs: CodecCache, options: DecompressOptions = DecompressOptions(),

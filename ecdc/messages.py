@@ -74,6 +74,18 @@ def warning_line(where: str, message: str) -> str:
     return message_line("warning", where, message)
 
 
+def stdin_note(what: str) -> str:
+    """The line shown before reading ``what`` from a terminal, so that a forgotten ``<``
+    or pipe does not look like a hang."""
+    return f"ecdc: reading {what} from standard input (Ctrl-D ends it)"
+
+
+def command_error_line(exc: EcdcError | MemoryError | OSError, where: str) -> str:
+    """The line a command's failure about input ``where`` is shown as, for a command that
+    reports one failure per input and goes on (``info A B``)."""
+    return error_line(*_command_error(exc, where))
+
+
 _lost_messages = False
 
 
