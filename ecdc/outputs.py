@@ -167,12 +167,12 @@ def _commit(tmp: Path, final: Path, shown: Path, overwrite: bool) -> None:
         os.replace(tmp, final)
         return
     try:
-        _rename_noreplace(tmp, final)
+        rename_noreplace(tmp, final)
     except FileExistsError:
         raise OutputError(f"{shown} exists (created while ecdc was writing); use -f to overwrite") from None
 
 
-def _rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: Path, dst: Path) -> None:
     """Rename that fails with FileExistsError when ``dst`` exists, atomically: Linux's
     renameat2(RENAME_NOREPLACE), else link(2) (which never replaces) and unlink."""
     renameat2 = _renameat2()

@@ -57,6 +57,7 @@ from .checkpoint import (
 )
 from .errors import ModelError, WeightsError
 from .models.encodec import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
+from .outputs import rename_noreplace
 
 __all__ = [
     "DEFAULT_BASE_URL", "BASE_URL_ENV", "CACHE_DIR_ENV", "DOWNLOAD_TIMEOUT_S",
@@ -301,14 +302,9 @@ def _move_into_cache(tmp: Path, target: Path, prefix: str) -> None:
     """Put a verified download at ``target`` without replacing a file that appeared there
     meanwhile (another ecdc's download is kept; anything else is refused, not overwritten)."""
     try:
-        os.link(tmp, target)  # fails if target exists, unlike a rename
+        rename_noreplace(tmp, target)
     except FileExistsError:
         _check_cached(target, prefix)
-    except OSError:  # a file system without hard links
-        if target.exists():
-            _check_cached(target, prefix)
-        else:
-            os.replace(tmp, target)
 
 
 #: Architectures recognised from a bare state dict's key names and shapes: Meta's
