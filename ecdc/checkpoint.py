@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import WeightsError
+from .messages import first_line
 from .models.encodec import EncodecConfig, EncodecModel
 
 
@@ -62,8 +63,7 @@ def _load_checkpoint_file(path: Path) -> tuple[Any, bool]:
             reason = refused.group(1).split(". ")[0].rstrip(".")
             raise WeightsError(f"{path}: not a loadable weights-only checkpoint (torch's weights-only "
                                f"loader refused it: {reason[:200]})") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({first[:200]})") from None
+        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({first_line(exc)[:200]})") from None
 
 
 def _torch_load(path: Path, mmap: bool) -> Any:

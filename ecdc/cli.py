@@ -15,7 +15,6 @@ import click
 
 from . import __version__, batch
 from .codec import STEREO_CHOICES, DownloadFn
-from .container import StereoMode
 from .convert import (
     CodecCache,
     Compression,
@@ -280,13 +279,12 @@ def _info_lines(src: str) -> list[str]:
     encoded, size = read_encoded(src)
     h = encoded.header
     duration = encoded.num_samples / h.sample_rate
-    streams = 2 if h.stereo_mode == StereoMode.DUAL else 1
     rows = [
         ("format version", str(h.version)),
         ("model", h.model_name),
         ("weights", h.weights_fingerprint.hex() if any(h.weights_fingerprint) else "unknown"),
         ("bandwidth", f"{format_kbps(h.bandwidth)} kbps ({h.num_codebooks} codebooks x {h.bits_per_code} bits"
-                      f" x {h.sample_rate / h.hop_length:g} Hz" + (" x 2 channels)" if streams == 2 else ")")),
+                      f" x {h.frame_rate:g} Hz" + (" x 2 channels)" if h.streams == 2 else ")")),
         ("duration", f"{duration:.3f} s ({encoded.num_samples} samples)"),
         ("sample rate", f"{h.sample_rate} Hz (original {h.original_sample_rate} Hz)"),
         ("channels", f"{h.channels} coded, {h.stereo_mode.name.lower()} (original {h.original_channels})"),

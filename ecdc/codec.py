@@ -293,15 +293,16 @@ class Codec:
         if isinstance(encoded, EcdcReader):
             reader = encoded
             header, chunks = reader.header, iter(reader)
+            salvage = reader if reader.salvage else None
 
             def lengths() -> tuple[int | None, int | None]:
                 return reader.total_samples, reader.original_samples
         else:
             header, chunks = encoded.header, iter(encoded.chunks)
+            salvage = None
 
             def lengths() -> tuple[int | None, int | None]:
                 return encoded.num_samples, encoded.original_samples
-        salvage = encoded if isinstance(encoded, EcdcReader) and encoded.salvage else None
         # Checked now, not at the first block: a caller that asks for the blocks before
         # opening its output refuses a file of other weights before anything is written.
         self.check_compatible(header)

@@ -411,7 +411,7 @@ def compress_file(src: str | Path, dst: str | Path, model: str | Codec | None = 
     about 0.1 % of the PCM size), the audio never is. ``overwrite=False`` refuses an
     existing ``dst`` (also one created while writing) with :class:`~ecdc.errors.OutputError`.
     """
-    codecs = CodecCache(preloaded=model) if isinstance(model, Codec) else CodecCache(ModelChoice(model))
+    codecs = _codecs_for(model)
     chunks: list[CodeChunk] = []
     result = Compression(codecs, CompressOptions(bandwidth, stereo)).convert(
         _file(src), _file(dst), overwrite=overwrite, keep=chunks)
@@ -424,13 +424,18 @@ def decompress_file(src: str | Path, dst: str | Path, model: str | Codec | None 
     """Decompress a .ecdc file to a 16-bit wav (streamed, written by :func:`~ecdc.outputs.atomic_output`);
     returns the audio too. Without ``model`` the model the file's header names is loaded.
     ``overwrite`` as for :func:`compress_file`."""
-    codecs = CodecCache(preloaded=model) if isinstance(model, Codec) else CodecCache(ModelChoice(model))
+    codecs = _codecs_for(model)
     blocks: list[np.ndarray] = []
     conversion = Decompression(codecs, DecompressOptions(sample_rate, channels), salvage_hint=False)
     decoded = conversion.convert(_file(src), _file(dst), overwrite=overwrite, keep=blocks)
     if not blocks:
         return np.zeros((decoded.channels, 0), dtype=np.float32), decoded.sample_rate
     return np.concatenate(blocks, axis=1), decoded.sample_rate
+
+
+def _codecs_for(model: str | Codec | None) -> CodecCache:
+    """The API's ``model``: a loaded Codec to use as it is, or a name (None: the file's or the default)."""
+    return CodecCache(preloaded=model) if isinstance(model, Codec) else CodecCache(ModelChoice(model))
 
 
 def _file(path: str | Path) -> str | Path:

@@ -152,7 +152,7 @@ def run_reporting(command: Callable[[], T], where: str) -> T:
         _silence_stdout()
         sys.exit(EXIT_BROKEN_PIPE)
     except (EcdcError, MemoryError, OSError) as exc:
-        emit(error_line(*_command_error(exc, where)), sys.stderr)
+        emit(command_error_line(exc, where), sys.stderr)
     except KeyboardInterrupt:
         emit("ecdc: interrupted", sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
