@@ -52,18 +52,18 @@ def _load_checkpoint_file(path: Path) -> tuple[Any, bool]:
     try:
         return _torch_load(path, mmap=False), False
     except FileNotFoundError:
-        raise WeightsError(f"{path}: no such checkpoint") from None
+        raise WeightsError("no such checkpoint", where=path) from None
     except IsADirectoryError:
-        raise WeightsError(f"{path}: is a directory, not a checkpoint") from None
+        raise WeightsError("is a directory, not a checkpoint", where=path) from None
     except PermissionError:
-        raise WeightsError(f"{path}: permission denied") from None
+        raise WeightsError("permission denied", where=path) from None
     except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
         refused = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
         if refused:  # not torch's advice to load with weights_only=False: what it refused
             reason = refused.group(1).split(". ")[0].rstrip(".")
-            raise WeightsError(f"{path}: not a loadable weights-only checkpoint (torch's weights-only "
-                               f"loader refused it: {reason[:200]})") from None
-        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({first_line(exc)[:200]})") from None
+            raise WeightsError(f"not a loadable weights-only checkpoint (torch's weights-only "
+                               f"loader refused it: {reason[:200]})", where=path) from None
+        raise WeightsError(f"not a loadable weights-only checkpoint ({first_line(exc)[:200]})", where=path) from None
 
 
 def _torch_load(path: Path, mmap: bool) -> Any:
@@ -77,18 +77,18 @@ def _torch_load(path: Path, mmap: bool) -> Any:
 def _split_checkpoint(obj: Any, path: Path) -> tuple[dict | None, Mapping[str, torch.Tensor]]:
     """Accept ecdc's own ``{"config", "state_dict"}`` layout or a bare state dict (Meta's)."""
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path}: checkpoint is not a state dict")
+        raise WeightsError("checkpoint is not a state dict", where=path)
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         config = obj.get("config")
         if config is not None and not isinstance(config, Mapping):
-            raise WeightsError(f"{path}: checkpoint 'config' is not a mapping")
+            raise WeightsError("checkpoint 'config' is not a mapping", where=path)
         state_dict = obj["state_dict"]
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
-            raise WeightsError(f"{path}: checkpoint 'state_dict' holds something other than named tensors")
+            raise WeightsError("checkpoint 'state_dict' holds something other than named tensors", where=path)
         return (dict(config) if config is not None else None), state_dict
     if all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return None, obj
-    raise WeightsError(f"{path}: checkpoint is neither a state dict nor ecdc's checkpoint layout")
+    raise WeightsError("checkpoint is neither a state dict nor ecdc's checkpoint layout", where=path)
 
 
 def parse_config(raw: Any, source: str) -> EncodecConfig:
@@ -98,7 +98,7 @@ def parse_config(raw: Any, source: str) -> EncodecConfig:
     try:
         return EncodecConfig.from_dict(raw)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise WeightsError(f"{source}: invalid model config: {exc}") from None
+        raise WeightsError(f"invalid model config: {exc}", where=source) from None
 
 
 _LAYER_KEY = re.compile(r"quantizer\.vq\.layers\.(\d+)\._codebook\.embed")
@@ -115,7 +115,7 @@ def check_config_fits(config: EncodecConfig, state_dict: Mapping[str, torch.Tens
     build then compares every tensor.
     """
     def bad(field: str, detail: str) -> WeightsError:
-        return WeightsError(f"{source}: weights do not fit model {config.name!r}: the config's {field} {detail}")
+        return WeightsError(f"weights do not fit model {config.name!r}: the config's {field} {detail}", where=source)
 
     def shape(key: str) -> tuple[int, ...] | None:
         value = state_dict.get(key)
@@ -312,15 +312,16 @@ def stored_fingerprint(obj: Any, path: Path) -> str | None:
         return None
     value = obj[FINGERPRINT_KEY]
     if not isinstance(value, str) or not _HEX_FINGERPRINT.fullmatch(value):
-        raise WeightsError(f"{path}: the file is damaged: its stored weights fingerprint is not one")
+        raise WeightsError("the file is damaged: its stored weights fingerprint is not one", where=path)
     return value
 
 
 def check_stored_fingerprint(stored: str | None, fingerprint: bytes, source: str) -> None:
     """Refuse weights whose fingerprint is not the one their file stores (damage)."""
     if stored is not None and fingerprint.hex() != stored:
-        raise WeightsError(f"{source}: the file is damaged: its weights do not match the fingerprint stored "
-                           f"with them ({fingerprint.hex()[:16]}, expected {stored[:16]}); use another copy")
+        raise WeightsError(f"the file is damaged: its weights do not match the fingerprint stored "
+                           f"with them ({fingerprint.hex()[:16]}, expected {stored[:16]}); use another copy",
+                           where=source)
 
 
 _MADV_DONTNEED = 4
@@ -397,7 +398,7 @@ def build_model(config: EncodecConfig, state_dict: Mapping[str, torch.Tensor], s
     except RuntimeError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "mismatch")
-        raise WeightsError(f"{source}: weights do not fit model {config.name!r} ({detail[:200]})") from None
+        raise WeightsError(f"weights do not fit model {config.name!r} ({detail[:200]})", where=source) from None
     if inference_only:
         for layer in model.quantizer.vq.layers:
             book = cast(torch.nn.Module, layer._codebook)

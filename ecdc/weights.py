@@ -56,7 +56,8 @@ from .checkpoint import (
     weights_fingerprint,
 )
 from .errors import ModelError, WeightsError
-from .models.encodec import ENCODEC_24KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
+from .hf import is_hf_dir, is_hf_name, load_hf_checkpoint, snapshot_dir
+from .models.encodec import ENCODEC_24KHZ, ENCODEC_32KHZ, ENCODEC_48KHZ, EncodecConfig, EncodecModel
 from .outputs import rename_noreplace
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "RELEASES_DIR", "RELEASES_MANIFEST", "DEFAULT_MODEL", "default_model", "read_manifest", "load_releases",
     "release_history",
     "cache_dir", "base_url", "expected_hash_prefix", "download_checkpoint", "load_weights",
+    "MAX_CACHED_CANDIDATES", "cached_checkpoints", "holds_other_weights", "checkpoint_needed_message",
     "DETECTABLE", "detect_config",
     # from ecdc.checkpoint
     "parse_config", "check_config_fits", "weights_fingerprint", "FINGERPRINT_KEY", "checkpoint_payload",
@@ -157,7 +159,7 @@ def read_manifest(path: Path = RELEASES_MANIFEST) -> dict[str, Any]:
         return {"default": None, "releases": []}
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(manifest, dict) or not isinstance(manifest.get("releases"), list):
-        raise ModelError(f"{path}: not a releases manifest")
+        raise ModelError("not a releases manifest", where=path)
     return manifest
 
 
@@ -172,7 +174,7 @@ def load_releases(path: Path = RELEASES_MANIFEST) -> None:
     for entry in manifest["releases"]:
         config = EncodecConfig.from_dict(entry["config"])
         if config.name != entry["name"]:
-            raise ModelError(f"{path}: release {entry['name']!r} has config name {config.name!r}")
+            raise ModelError(f"release {entry['name']!r} has config name {config.name!r}", where=path)
         register_model(ModelSpec(config, entry["file"], packaged=str(path.parent / entry["file"]),
                                  description=entry.get("description", ""), fingerprint=entry["fingerprint"],
                                  release=entry))
@@ -182,7 +184,7 @@ def load_releases(path: Path = RELEASES_MANIFEST) -> None:
     _ALIASES.update({family: name for family, (_, name) in newest.items()})
     default = manifest.get("default")
     if default is not None and default not in _ALIASES:
-        raise ModelError(f"{path}: default {default!r} names no bundled release family")
+        raise ModelError(f"default {default!r} names no bundled release family", where=path)
     DEFAULT_MODEL = default
 
 
@@ -205,6 +207,49 @@ def cache_dir() -> Path:
     return Path(base) / "ecdc"
 
 
+#: At most this many checkpoints of one model name are tried from the cache (each is loaded in full).
+MAX_CACHED_CANDIDATES = 8
+_CHECKPOINT_SUFFIXES = (".th", ".pt", ".pth")
+
+
+def cached_checkpoints(model_name: str, directory: Path | None = None) -> list[Path]:
+    """Checkpoint files in the cache named for ``model_name`` (``NAME.th``, or
+    ``NAME-anything.th``; ``.pt`` and ``.pth`` too), sorted, at most
+    :data:`MAX_CACHED_CANDIDATES`: where ``decompress`` looks for the weights of a file that
+    was made with ``--checkpoint`` when none is given (a user may keep them there)."""
+    directory = Path(directory) if directory is not None else cache_dir()
+    try:
+        names = sorted(entry.name for entry in os.scandir(directory) if entry.is_file())
+    except OSError:
+        return []  # no cache (yet), or unreadable: nothing to find
+    found = [directory / n for n in names if n.endswith(_CHECKPOINT_SUFFIXES)
+             and (os.path.splitext(n)[0] == model_name or n.startswith(model_name + "-"))]
+    return found[:MAX_CACHED_CANDIDATES]
+
+
+def holds_other_weights(name: str, fingerprint: bytes | None) -> bool:
+    """Whether the registered model ``name`` certainly does not have the weights
+    ``fingerprint`` (a bundled release states its own; Meta's are known only once loaded)."""
+    spec = _REGISTRY.get(resolve_name(name))
+    return fingerprint is not None and spec is not None and spec.fingerprint is not None \
+        and spec.fingerprint != fingerprint.hex()
+
+
+def checkpoint_needed_message(name: str, fingerprint: bytes | None) -> str:
+    """Why a file whose weights ecdc cannot find by itself (made with ``--checkpoint``)
+    cannot be decoded, and what to pass."""
+    if is_known(name):
+        spec = _REGISTRY[resolve_name(name)]
+        shown = f" (weights {fingerprint.hex()[:16]}, not {spec.fingerprint[:16]})" \
+            if fingerprint is not None and spec.fingerprint else ""
+        what = f"encoded with other weights than ecdc's model {name!r}{shown}, e.g. with --checkpoint"
+    else:
+        what = f"encoded with model {name!r}, which ecdc does not know by name (made with --checkpoint?)"
+    return (f"{what}; no checkpoint of that name with these weights is in {cache_dir()} either: decompress "
+            f"with the same --checkpoint PATH it was compressed with (or copy that file into the cache as "
+            f"{name}.th, where ecdc finds it)")
+
+
 def base_url() -> str:
     url = os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     return url if url.endswith("/") else url + "/"
@@ -214,7 +259,7 @@ def expected_hash_prefix(filename: str) -> str:
     """The sha256 prefix a checkpoint's file name promises (``name-<hex>.th``)."""
     match = _HASH_IN_NAME.search(filename)
     if not match:
-        raise WeightsError(f"checkpoint name {filename!r} carries no sha256 prefix")
+        raise WeightsError(f"checkpoint name {filename!r} carries no sha256 prefix", where="")
     return match.group(1)
 
 
@@ -248,7 +293,7 @@ def download_checkpoint(filename: str, *, url: str | None = None,
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise WeightsError(f"cannot create cache directory {directory}: {exc.strerror or exc}") from None
+        raise WeightsError(f"cannot create the cache directory: {exc.strerror or exc}", where=directory) from None
     fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=directory)
     tmp = Path(tmp_name)
     try:
@@ -269,13 +314,13 @@ def download_checkpoint(filename: str, *, url: str | None = None,
                 reason = getattr(exc, "reason", None) or exc
                 raise WeightsError(
                     f"cannot download {url}: {reason}. Without network access, download it "
-                    f"elsewhere and pass it with --checkpoint PATH, or place it in {directory}"
+                    f"elsewhere and pass it with --checkpoint PATH, or place it in {directory}", where=""
                 ) from None
         actual = digest.hexdigest()
         if not actual.startswith(prefix):
             raise WeightsError(
                 f"downloaded {url} has sha256 {actual[:16]}..., expected a prefix {prefix}: "
-                "refusing to use it"
+                "refusing to use it", where=""
             )
         _move_into_cache(tmp, target, prefix)
     finally:
@@ -289,12 +334,12 @@ def _check_cached(target: Path, prefix: str) -> None:
     try:
         actual = _sha256_of(target)
     except OSError as exc:
-        raise WeightsError(f"cannot read cached checkpoint {target}: {exc.strerror or exc}") from None
+        raise WeightsError(f"cannot read this cached checkpoint: {exc.strerror or exc}", where=target) from None
     if not actual.startswith(prefix):
         raise WeightsError(
-            f"{target}: its sha256 ({actual[:16]}...) does not match the expected prefix {prefix}; ecdc leaves "
+            f"its sha256 ({actual[:16]}...) does not match the expected prefix {prefix}; ecdc leaves "
             "the file as it is: move it away (or delete it yourself) to download it again, or pass it with "
-            "--checkpoint PATH if it is your own checkpoint"
+            "--checkpoint PATH if it is your own checkpoint", where=target
         )
 
 
@@ -309,7 +354,7 @@ def _move_into_cache(tmp: Path, target: Path, prefix: str) -> None:
 
 #: Architectures recognised from a bare state dict's key names and shapes: Meta's
 #: checkpoints hold no config, and their layouts differ (channels, norm, codebooks).
-DETECTABLE: tuple[EncodecConfig, ...] = (ENCODEC_24KHZ, ENCODEC_48KHZ)
+DETECTABLE: tuple[EncodecConfig, ...] = (ENCODEC_24KHZ, ENCODEC_48KHZ, ENCODEC_32KHZ)
 
 
 def detect_config(state_dict: Mapping[str, Any], source: str) -> EncodecConfig | None:
@@ -317,13 +362,14 @@ def detect_config(state_dict: Mapping[str, Any], source: str) -> EncodecConfig |
     has (None if none does); two matching would be ambiguous, and is refused."""
     matches = [c for c in DETECTABLE if compare_layout(state_dict, model_layout(c)).matches]
     if len(matches) > 1:
-        raise WeightsError(f"{source}: the state dict matches several architectures "
-                           f"({', '.join(c.name for c in matches)}); pass --model NAME")
+        raise WeightsError(f"the state dict matches several architectures "
+                           f"({', '.join(c.name for c in matches)}); pass --model NAME", where=source)
     return matches[0] if matches else None
 
 
 def _no_layout_message(path: Path, state_dict: Mapping[str, Any]) -> str:
-    """What a bare state dict of no known architecture holds, and the closest one."""
+    """What a bare state dict of no known architecture holds, and the closest one (the
+    message about ``path``, which does not name it)."""
     n = len(state_dict)
     found = f"a state dict of {n} tensor{'' if n == 1 else 's'} that matches no known EnCodec layout"
     differences = [(c.name, compare_layout(state_dict, model_layout(c))) for c in DETECTABLE]
@@ -333,7 +379,7 @@ def _no_layout_message(path: Path, state_dict: Mapping[str, Any]) -> str:
         found += f" (closest: {name}, {closest.describe()})"
     elif n:
         found += f" (it shares no key with {' or '.join(name for name, _ in differences)})"
-    return (f"{path}: {found}; pass --model NAME for another registered architecture (ecdc models "
+    return (f"{found}; pass --model NAME for another registered architecture (ecdc models "
             f"lists them), or put its config in {path.with_suffix('.json').name}")
 
 
@@ -350,7 +396,7 @@ def _config_for_path(path: Path, embedded: dict | None, model_name: str | None,
         try:
             raw = json.loads(sidecar.read_text())
         except (OSError, ValueError, RecursionError) as exc:
-            raise WeightsError(f"{sidecar}: invalid model config: {exc}") from None
+            raise WeightsError(f"invalid model config: {exc}", where=sidecar) from None
         return parse_config(raw, str(sidecar))
     if model_name is not None:
         return get_spec(model_name).config
@@ -360,7 +406,7 @@ def _config_for_path(path: Path, embedded: dict | None, model_name: str | None,
     for spec in _REGISTRY.values():
         if path.name.startswith(spec.config.name + "-") or path.stem == spec.config.name:
             return spec.config
-    raise WeightsError(_no_layout_message(path, state_dict))
+    raise WeightsError(_no_layout_message(path, state_dict), where=path)
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -369,7 +415,7 @@ def get_spec(name: str) -> ModelSpec:
         return _REGISTRY[resolve_name(name)]
     except KeyError:
         known = sorted(set(_REGISTRY) | set(_ALIASES))
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known)}") from None
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(known)}", where="") from None
 
 
 def _check_promised_sha256(path: Path) -> None:
@@ -384,15 +430,26 @@ def _check_promised_sha256(path: Path) -> None:
     except OSError:
         return  # unreadable: the load says why
     if not actual.startswith(match.group(1)):
-        raise WeightsError(f"{path}: the file is damaged: its sha256 is {actual[:16]}..., its name promises "
-                           f"{match.group(1)}; download or copy it again")
+        raise WeightsError(f"the file is damaged: its sha256 is {actual[:16]}..., its name promises "
+                           f"{match.group(1)}; download or copy it again", where=path)
 
 
 def load_weights(name: str | None = None, checkpoint: str | None = None,
                  progress: Callable[[int, int | None], None] | None = None
                  ) -> tuple[EncodecModel, bytes]:
-    """Load a model by registry name and/or checkpoint path; return it and its fingerprint."""
-    if checkpoint is not None:
+    """Load a model by registry name and/or checkpoint path; return it and its fingerprint.
+
+    A transformers checkpoint (a directory with config.json, or ``hf:OWNER/NAME`` in the
+    local Hugging Face cache, as ``checkpoint`` or as ``name``) is read by :mod:`ecdc.hf`:
+    its config.json gives the architecture, and its weights are renamed to Meta's before
+    they are hashed, so the fingerprint is the one of the same weights in Meta's layout.
+    """
+    hf_dir = _hf_directory(name, checkpoint)
+    if hf_dir is not None:
+        config, tensors, path, mapped = load_hf_checkpoint(hf_dir)
+        state_dict: Mapping[str, Any] = tensors
+        stored, embedded, source = None, None, str(path)
+    elif checkpoint is not None:
         path = Path(checkpoint)
         _check_promised_sha256(path)
         loaded, mapped = _load_checkpoint_file(path)
@@ -403,7 +460,7 @@ def load_weights(name: str | None = None, checkpoint: str | None = None,
         source = str(path)
     else:
         if name is None:
-            raise ModelError(_no_default_message())
+            raise ModelError(_no_default_message(), where="")
         spec = get_spec(name)
         name = spec.config.name
         if spec.packaged is not None:
@@ -421,13 +478,31 @@ def load_weights(name: str | None = None, checkpoint: str | None = None,
     # are released as they are hashed, before anything can have written to them.
     fingerprint = weights_fingerprint(state_dict, _release_mapped_pages if mapped else None)
     check_stored_fingerprint(stored, fingerprint, source)
-    if checkpoint is None and spec.fingerprint is not None and fingerprint.hex() != spec.fingerprint:
-        raise WeightsError(f"{source}: these are not the weights of release {name!r} (fingerprint "
+    if (checkpoint is None and hf_dir is None and spec.fingerprint is not None
+            and fingerprint.hex() != spec.fingerprint):
+        raise WeightsError(f"these are not the weights of release {name!r} (fingerprint "
                            f"{fingerprint.hex()[:16]}, expected {spec.fingerprint[:16]}): the installation "
-                           "is damaged; reinstall ecdc")
+                           "is damaged; reinstall ecdc", where=source)
     model = build_model(config, state_dict, source)
     del state_dict, embedded  # the model holds the tensors it needs now
     return model, fingerprint
+
+
+def _hf_directory(name: str | None, checkpoint: str | None) -> Path | None:
+    """The transformers checkpoint directory ``name`` or ``checkpoint`` means, if any: an
+    ``hf:`` name (looked up in the local Hugging Face cache; a path of that name wins) or a
+    directory holding config.json."""
+    if checkpoint is not None:
+        if is_hf_name(checkpoint) and not os.path.exists(checkpoint):
+            return snapshot_dir(checkpoint)
+        path = Path(checkpoint)
+        if path.is_dir() and not is_hf_dir(path):
+            raise WeightsError("a directory without config.json: neither a checkpoint file nor a transformers "
+                               "EncodecModel directory", where=path)
+        return path if is_hf_dir(path) else None
+    if name is not None and is_hf_name(name):
+        return snapshot_dir(name)
+    return None
 
 
 def _no_default_message() -> str:

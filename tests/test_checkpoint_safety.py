@@ -101,6 +101,7 @@ def _cases() -> List[Tuple[str, Dict[str, Any], str]]:
         ("causal-string", {"causal": "yes"}, "causal"),
         ("causal-int", {"causal": 1}, "causal"),
         ("normalize-null", {"normalize": None}, "normalize"),
+        ("conv_shortcut-int", {"conv_shortcut": 0}, "conv_shortcut"),
         ("norm-int", {"norm": 5}, "norm"),
         ("norm-unknown", {"norm": "batch_norm"}, "norm"),
         ("name-int", {"name": 7}, "name"),
@@ -236,7 +237,7 @@ def test_every_numeric_field_is_covered():
     import dataclasses
 
     numeric = {f.name for f in dataclasses.fields(EncodecConfig)
-               if f.name not in ("name", "causal", "norm", "normalize")}
+               if f.name not in ("name", "causal", "norm", "normalize", "conv_shortcut")}
     assert numeric == set(NUMERIC_FIELDS)
     covered = {c.split("-")[0] for c, _, _ in CASES}
     assert numeric <= covered

@@ -1,4 +1,4 @@
-"""The EnCodec model (encoder, RVQ, decoder) and the two configurations Meta released.
+"""The EnCodec model (encoder, RVQ, decoder) and the configurations Meta released.
 
 Only tensors in, tensors out: reading audio, weights and .ecdc files is done elsewhere.
 Submodule names match Meta's ``encodec.EncodecModel`` so its checkpoints load unchanged.
@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping, Sequence, cast, overload
 import torch
 from torch import nn
 
+from ..choices import format_kbps
 from ..container import (
     MAX_BITS,
     MAX_CODEBOOKS,
@@ -26,7 +27,7 @@ from ..container import (
 )
 from ..errors import ModelError
 from ..perf import tune_allocator
-from .batching import audio_key, codes_key, runs
+from .batching import audio_key, codes_key, encode_batched, runs
 from .modules import CONV_NORMS
 from .quantizer import ResidualVectorQuantizer
 from .seanet import SEANetDecoder, SEANetEncoder, run_layers_batched
@@ -52,13 +53,6 @@ def _show(value: Any) -> str:
     except ValueError:  # an int too long to print
         return f"<{type(value).__name__} of {value.bit_length() if _is_int(value) else '?'} bits>"
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def format_kbps(kbps: float) -> str:
-    """A bandwidth as short as ``:g`` where that is exact, else in full (``repr``), so that
-    distinct values print distinctly: -b 6.0000001 is not shown as "6"."""
-    short = f"{kbps:g}"
-    return short if float(short) == kbps else repr(float(kbps))
 
 
 def _is_int(value: Any) -> bool:
@@ -95,6 +89,9 @@ class EncodecConfig:
     n_residual_layers: int = 1
     lstm_layers: int = 2
     codebook_size: int = 1024
+    #: residual blocks' shortcut: a 1x1 convolution (Meta's 24/48 kHz) or the identity
+    #: (``False``: the 32 kHz model, transformers' ``use_conv_shortcut=False``)
+    conv_shortcut: bool = True
 
     def __post_init__(self) -> None:
         """Check every field's type and range, naming the field, before anything is built.
@@ -132,6 +129,7 @@ class EncodecConfig:
         integer("channels", 1, MAX_MODEL_CHANNELS)
         flag("causal")
         flag("normalize")
+        flag("conv_shortcut")
         if not isinstance(self.norm, str) or self.norm not in CONV_NORMS:
             problems.append(f"norm must be one of {', '.join(CONV_NORMS)}, got {_show(self.norm)}")
         elif self.norm == "time_group_norm" and self.causal is True:
@@ -270,6 +268,25 @@ ENCODEC_48KHZ = EncodecConfig(
 )
 
 
+#: The 32 kHz mono model of MusicGen (``facebook/encodec_32khz``, published only in
+#: transformers' layout): 50 Hz frames, 2048-entry codebooks (11-bit codes), 4 codebooks at
+#: 2.2 kbps, non-causal, unsegmented, identity shortcuts.
+ENCODEC_32KHZ = EncodecConfig(
+    name="encodec_32khz",
+    sample_rate=32_000,
+    channels=1,
+    causal=False,
+    norm="weight_norm",
+    bandwidths=(2.2,),
+    normalize=False,
+    segment=None,
+    n_filters=64,
+    ratios=(8, 5, 4, 4),
+    codebook_size=2048,
+    conv_shortcut=False,
+)
+
+
 @dataclass
 class ModelOutput:
     """Result of the differentiable training pass :meth:`EncodecModel.forward`."""
@@ -345,7 +362,7 @@ class EncodecModel(nn.Module):
         common: dict[str, Any] = dict(
             channels=config.channels, dimension=config.dimension, n_filters=config.n_filters,
             n_residual_layers=config.n_residual_layers, ratios=config.ratios, norm=config.norm,
-            causal=config.causal, lstm_layers=config.lstm_layers,
+            causal=config.causal, lstm_layers=config.lstm_layers, conv_shortcut=config.conv_shortcut,
         )
         self.max_codebooks = config.max_codebooks
         # Registration order = state-dict key order; Meta's is encoder, quantizer, decoder.
@@ -420,7 +437,7 @@ class EncodecModel(nn.Module):
         if bandwidth not in self.bandwidths:
             valid = ", ".join(format_kbps(b) for b in self.bandwidths)
             raise ModelError(f"{self.name} does not support {format_kbps(bandwidth)} kbps; "
-                             f"choose one of {valid}")
+                             f"choose one of {valid}", where="")  # about -b, not a file
         return self._codebooks_for(bandwidth)
 
     # ------------------------------------------------------------------ encode / decode
@@ -445,11 +462,10 @@ class EncodecModel(nn.Module):
     def encode_segments(self, wavs: list[torch.Tensor], num_codebooks: int) -> list[EncodedSegment]:
         """:meth:`encode_segment` on several equal-shaped segments in one pass.
 
-        Stacking segments along the batch gives the convolutions and the LSTM bigger
-        matrices (the LSTM's per-step work is a matrix-vector product for one segment),
-        about 1.3x faster for the 48 kHz model (see :func:`run_layers_batched` for how
-        the work is split); each item is normalised and coded on
-        its own, so the codes are the ones segment-by-segment coding gives.
+        Stacking segments along the batch gives the convolutions bigger calls (see
+        :func:`~ecdc.models.batching.encode_batched` for what runs batched and what
+        cannot); each item is normalised and coded on its own, so the codes are the ones
+        segment-by-segment coding gives, bit for bit.
         """
         if len(wavs) == 1:
             return [self.encode_segment(wavs[0], num_codebooks)]
@@ -458,8 +474,9 @@ class EncodecModel(nn.Module):
         prepared = [self._prepare_segment(w, num_codebooks) for w in wavs]
         batch = wavs[0].shape[0]
         x = torch.cat([w for w, _ in prepared], dim=0)
-        latent = run_layers_batched(self.require("encoder").model, x, self.CONV_BATCH_SEGMENTS * batch)
-        codes = self.quantizer.encode(latent, num_codebooks)
+        # Each segment's codes are the one-segment pass's, near-ties included (encode_batched).
+        codes = encode_batched(self.require("encoder").model, self.quantizer, x, batch, num_codebooks,
+                               self.CONV_BATCH_SEGMENTS * batch)
         return [EncodedSegment(codes=codes[i * batch:(i + 1) * batch], scale=scale)
                 for i, (_, scale) in enumerate(prepared)]
 

@@ -30,10 +30,11 @@ def _elu() -> nn.Module:
 
 
 class SEANetResnetBlock(nn.Module):
-    """ELU-conv(k=3, dilated)-ELU-conv(k=1) branch plus a k=1 conv shortcut."""
+    """ELU-conv(k=3, dilated)-ELU-conv(k=1) branch plus a k=1 conv shortcut (or, with
+    ``conv_shortcut=False``, the identity: Meta's ``true_skip``, the 32 kHz model's)."""
 
     def __init__(self, dim: int, dilation: int = 1, causal: bool = False, norm: str = "weight_norm",
-                 pad_mode: str = "reflect", compress: int = COMPRESS) -> None:
+                 pad_mode: str = "reflect", compress: int = COMPRESS, conv_shortcut: bool = True) -> None:
         super().__init__()
         hidden = dim // compress
         self.block = nn.Sequential(
@@ -43,7 +44,8 @@ class SEANetResnetBlock(nn.Module):
             _elu(),
             SConv1d(hidden, dim, 1, causal=causal, norm=norm, pad_mode=pad_mode),
         )
-        self.shortcut = SConv1d(dim, dim, 1, causal=causal, norm=norm, pad_mode=pad_mode)
+        self.shortcut: nn.Module = (SConv1d(dim, dim, 1, causal=causal, norm=norm, pad_mode=pad_mode)
+                                    if conv_shortcut else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -56,6 +58,8 @@ class SEANetResnetBlock(nn.Module):
         # out-of-place ELU, hence the same bits (ELU's vectorised and scalar paths round
         # differently, so the layout an ELU is computed in matters).
         h = F.elu_(h, alpha=elu2.alpha)
+        if not isinstance(self.shortcut, SConv1d):  # identity: x + y == y + x exactly; x is not ours
+            return conv2(h).add_(x)
         if self.allow_reassociation and _fused_1x1_ok(conv2, self.shortcut, x, h):
             return _fused_1x1(self.shortcut, x, conv2, h)
         out = self.shortcut(x)
@@ -65,9 +69,11 @@ class SEANetResnetBlock(nn.Module):
     allow_reassociation = False
 
 
-def _fused_1x1_ok(conv: SConv1d, shortcut: SConv1d, x: torch.Tensor, h: torch.Tensor) -> bool:
+def _fused_1x1_ok(conv: SConv1d, shortcut: nn.Module, x: torch.Tensor, h: torch.Tensor) -> bool:
     """Both 1x1 convs of a residual block can be done as two matrix products into one
     output (plain convs, no normalisation module, inference on CPU)."""
+    if not isinstance(shortcut, SConv1d):
+        return False
     for c, inp in ((conv, h), (shortcut, x)):
         inner = c.conv.conv
         if (c.kernel_size != 1 or c.stride != 1 or inner.groups != 1 or inner.bias is None
@@ -76,9 +82,10 @@ def _fused_1x1_ok(conv: SConv1d, shortcut: SConv1d, x: torch.Tensor, h: torch.Te
     return True
 
 
-def _fused_1x1(shortcut: SConv1d, x: torch.Tensor, conv: SConv1d, h: torch.Tensor) -> torch.Tensor:
+def _fused_1x1(shortcut: nn.Module, x: torch.Tensor, conv: SConv1d, h: torch.Tensor) -> torch.Tensor:
     """``shortcut(x) + conv(h)`` for 1x1 convs, by :func:`~ecdc.models.fastpaths.conv1x1_pair_sum`."""
-    # Both biases exist: checked by _fused_1x1_ok.
+    # Both are convs with biases: checked by _fused_1x1_ok.
+    shortcut = cast(SConv1d, shortcut)
     bias = (cast(torch.Tensor, shortcut.conv.conv.bias) + cast(torch.Tensor, conv.conv.conv.bias)).view(-1, 1)
     w_s = conv_weight(shortcut.conv.conv).detach()[:, :, 0]
     w_c = conv_weight(conv.conv.conv).detach()[:, :, 0]
@@ -152,7 +159,7 @@ class SEANetEncoder(nn.Module):
     def __init__(self, channels: int = 1, dimension: int = 128, n_filters: int = 32,
                  n_residual_layers: int = 1, ratios: Sequence[int] = (8, 5, 4, 2),
                  norm: str = "weight_norm", causal: bool = False, lstm_layers: int = 2,
-                 pad_mode: str = "reflect") -> None:
+                 pad_mode: str = "reflect", conv_shortcut: bool = True) -> None:
         super().__init__()
         _check(n_filters, ratios, n_residual_layers, lstm_layers)
         self.channels = channels
@@ -164,7 +171,8 @@ class SEANetEncoder(nn.Module):
         layers: list[nn.Module] = [SConv1d(channels, width, KERNEL_SIZE, **conv_kw)]
         for ratio in self.ratios:
             for j in range(n_residual_layers):
-                layers.append(SEANetResnetBlock(width, dilation=DILATION_BASE ** j, **conv_kw))
+                layers.append(SEANetResnetBlock(width, dilation=DILATION_BASE ** j, conv_shortcut=conv_shortcut,
+                                                **conv_kw))
             layers += [_elu(), SConv1d(width, width * 2, ratio * 2, stride=ratio, **conv_kw)]
             width *= 2
         if lstm_layers:
@@ -185,7 +193,8 @@ class SEANetDecoder(nn.Module):
     def __init__(self, channels: int = 1, dimension: int = 128, n_filters: int = 32,
                  n_residual_layers: int = 1, ratios: Sequence[int] = (8, 5, 4, 2),
                  norm: str = "weight_norm", causal: bool = False, lstm_layers: int = 2,
-                 pad_mode: str = "reflect", trim_right_ratio: float = 1.0, exact: bool = True) -> None:
+                 pad_mode: str = "reflect", trim_right_ratio: float = 1.0, exact: bool = True,
+                 conv_shortcut: bool = True) -> None:
         super().__init__()
         _check(n_filters, ratios, n_residual_layers, lstm_layers)
         self.channels = channels
@@ -205,7 +214,8 @@ class SEANetDecoder(nn.Module):
             ]
             width //= 2
             for j in range(n_residual_layers):
-                layers.append(SEANetResnetBlock(width, dilation=DILATION_BASE ** j, **conv_kw))
+                layers.append(SEANetResnetBlock(width, dilation=DILATION_BASE ** j, conv_shortcut=conv_shortcut,
+                                                **conv_kw))
         layers += [_elu(), SConv1d(n_filters, channels, LAST_KERNEL_SIZE, **conv_kw)]
         self.model = nn.Sequential(*layers)
         self.set_exact(exact)
