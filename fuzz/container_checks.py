@@ -12,6 +12,7 @@ import io
 import zlib
 
 from ecdc.container import CodeChunk, EcdcReader, Gap, salvage_silence_limit
+from ecdc.container.tags import tag_problem
 from ecdc.errors import EcdcError
 
 #: A complete read: the reader (its header, damage, lengths) and everything it yielded.
@@ -54,6 +55,13 @@ def check_salvage(reader: EcdcReader, items: list, size: int) -> None:
     assert all(isinstance(d, str) and d and "\n" not in d for d in reader.damage), reader.damage
 
 
+def check_tags(reader: EcdcReader) -> None:
+    """Whatever tags a reader hands out are valid ones: bounded, UTF-8, no control characters."""
+    assert isinstance(reader.tags, dict) and len(reader.tags) <= 32, reader.tags
+    for key, value in reader.tags.items():
+        assert tag_problem(key, value) is None, (key, value)
+
+
 def check_reads(data: bytes) -> tuple[Read | None, Read | None]:
     """Read ``data`` normally and with salvage, check each and what must hold between them.
 
@@ -64,7 +72,9 @@ def check_reads(data: bytes) -> tuple[Read | None, Read | None]:
     salvaged = read(data, salvage=True)
     if salvaged is not None:
         check_salvage(*salvaged, len(data))
+        check_tags(salvaged[0])
     if normal is not None:
+        check_tags(normal[0])
         assert salvaged is not None, "salvage refused a file the normal reader accepts"
         n_reader, n_items = normal
         s_reader, s_items = salvaged
@@ -72,6 +82,7 @@ def check_reads(data: bytes) -> tuple[Read | None, Read | None]:
         assert s_reader.damage == [], s_reader.damage
         assert (n_reader.total_samples, n_reader.original_samples) == (
             s_reader.total_samples, s_reader.original_samples)
+        assert n_reader.tags == s_reader.tags, "salvage read a valid file's tags differently"
     return normal, salvaged
 
 

@@ -28,6 +28,7 @@ from ecdc.container import (  # noqa: E402
     encode_chunk,
     write_ecdc,
 )
+from ecdc.container.tags import tags_chunk  # noqa: E402
 
 
 def header(**kw: object) -> EcdcHeader:
@@ -98,6 +99,10 @@ def wavstream_seeds() -> dict[str, bytes]:
                                        data_size=0xFFFFFFFF),
         "pcm8_list_chunk.wav": wav(pcm_fmt(1, 8000, 8), bytes(range(0, 255, 5)),
                                    extra=b"LIST" + struct.pack("<I", 5) + b"INFOx\0"),
+        # Tags in a LIST/INFO chunk (title, then an artist with control characters).
+        "pcm16_info_tags.wav": wav(pcm_fmt(1, 8000, 16), i16[:8].tobytes(),
+                                   extra=b"LIST" + struct.pack("<I", 28) + b"INFOINAM" + struct.pack("<I", 3)
+                                   + b"Hi\0\0IART" + struct.pack("<I", 4) + b"a\x1bb\0"),
         "pcm24_rifx.wav": wav(pcm_fmt(1, 16000, 24, endian=">"), bytes(range(30)), magic=b"RIFX", endian=">"),
         "pcm32_odd_tail.wav": wav(pcm_fmt(1, 22050, 32), bytes(range(19))),  # a partial last frame
         "float32_extensible.wav": wav(extensible, f32.tobytes()),
@@ -162,6 +167,8 @@ def main() -> None:
     (body_len,) = struct.unpack_from("<H", base, 6)
     cut = 8 + body_len + 4
     files["v1_unknown_chunk.ecdc"] = base[:cut] + encode_chunk(0x58, b"future") + base[cut:]
+    # A tags chunk (docs/FORMAT.md, section 13), where writers put it: right after the header.
+    files["v1_tags.ecdc"] = base[:cut] + tags_chunk({"title": "T\u00eate", "artist": "A", "comment": "c"}) + base[cut:]
     for name, data in files.items():
         (out / name).write_bytes(data)
 

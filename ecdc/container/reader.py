@@ -38,6 +38,7 @@ from .header import (
 from .salvage import DamageLog, GapAccountant
 from .scanner import ResyncScanner
 from .source import ByteSource
+from .tags import CHUNK_TAGS, MAX_TAGS_PAYLOAD, Tags, parse_tags, tags_head
 from .v0 import iter_v0, read_v0_header
 
 
@@ -102,6 +103,11 @@ class EcdcReader:
         self.damage: list[str] = self._log.damage
         #: Salvage mode: every Gap yielded so far.
         self.gaps: list[Gap] = self._log.gaps
+        #: The file's tags (docs/FORMAT.md, section 13); empty if it has none (or, when
+        #: salvaging, if its tags chunk was damaged: ``damage`` then says so).
+        self.tags: Tags = {}
+        if major == 1:
+            self._read_tags()
         self._iter: Iterator[CodeChunk | Gap]
         if major == 0:
             self._iter = iter_v0(self)
@@ -142,12 +148,57 @@ class EcdcReader:
             raise ChecksumError(".ecdc header is corrupted (CRC32 mismatch)")
         return decode_body(body)
 
+    def _read_tags(self) -> None:
+        """The tags chunk, if the chunk after the header is one (the only place one counts).
+
+        Read here, before any audio, so that a decoder knows the tags before it opens its
+        output. Whatever is not an intact tags chunk is pushed back for the chunk reader,
+        which reports a damaged one as it reports any chunk (strict) or steps over it
+        (salvage); a salvaging read also says here that the tags are lost.
+        """
+        source = self._source
+        offset = source.pos
+        head = source.read_upto(CHUNK_HEAD.size)
+        length = tags_head(head)
+        if length is None:
+            source.push_back(head)
+            return
+        what = f"tags chunk (byte {offset})"
+        if length > MAX_TAGS_PAYLOAD:
+            problem = f"{what} claims {length} bytes, more than the {MAX_TAGS_PAYLOAD}-byte limit"
+            if not self.salvage:
+                raise FormatError(f"corrupt .ecdc stream: {problem}")
+            self._log.damage.append(f"the {problem}; the tags are dropped")
+            source.push_back(head)
+            return
+        rest = source.read_upto(length + CRC.size)
+        raw = head + rest
+        intact = len(rest) == length + CRC.size
+        if intact:
+            (crc,) = CRC.unpack_from(raw, len(raw) - CRC.size)
+            intact = zlib.crc32(memoryview(raw)[:len(raw) - CRC.size]) == crc
+        if not intact:
+            if self.salvage:
+                self._log.damage.append(f"the {what} is damaged (truncated or CRC mismatch); "
+                                        f"the tags are dropped")
+            source.push_back(raw)
+            return
+        try:
+            self.tags = parse_tags(raw[CHUNK_HEAD.size:CHUNK_HEAD.size + length], what)
+        except FormatError as exc:
+            if not self.salvage:
+                raise
+            self._log.damage.append(f"{str(exc).removeprefix('corrupt .ecdc stream: ')}; "
+                                    f"the tags are dropped")
+
     def _describe(self, ctype: int, offset: int, frames_before: int) -> str:
         if ctype == CHUNK_CODES:
             t = chunk_start_seconds(self.header, self.chunks_read, frames_before)
             return f"code chunk {self.chunks_read} (audio from {t:.2f} s, byte {offset})"
         if ctype == CHUNK_END:
             return f"end marker (byte {offset})"
+        if ctype == CHUNK_TAGS:
+            return f"tags chunk (byte {offset}, after {self.chunks_read} code chunks)"
         return f"chunk of type 0x{ctype:02x} (byte {offset}, after {self.chunks_read} code chunks)"
 
     def _iter_v1(self) -> Iterator[CodeChunk]:

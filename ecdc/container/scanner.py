@@ -31,6 +31,7 @@ from .chunks import (
 )
 from .header import CRC, EcdcHeader
 from .source import ByteSource
+from .tags import CHUNK_TAGS
 
 # The scan only stops at these chunk types (an unknown type carries
 # optional data, so stepping over one loses nothing).
@@ -112,7 +113,7 @@ class ResyncScanner:
     def events(self) -> Iterator[Event]:
         """Every event up to and including an EndEvent or EofEvent."""
         pos = self._base
-        names = {CHUNK_CODES: "code chunk", CHUNK_END: "end marker"}
+        names = {CHUNK_CODES: "code chunk", CHUNK_END: "end marker", CHUNK_TAGS: "tags chunk"}
         while True:
             if not self._fill(pos + 1, exact=True):
                 yield EofEvent(pos)

@@ -21,13 +21,27 @@ class ByteSource:
 
     def __init__(self, fileobj: BinaryIO) -> None:
         self.file = fileobj
-        #: Bytes consumed from the file object so far (less any given back by :meth:`unread`).
+        #: Bytes consumed from the file object so far (less any given back by :meth:`unread`
+        #: or :meth:`push_back`).
         self.pos = 0
+        self._back = b""  # bytes pushed back, served before the file's
+
+    def push_back(self, data: bytes) -> None:
+        """Make ``data`` (the bytes just read) the next to be read again; pipes too.
+
+        The readers peek at the chunk after the header this way (a tags chunk or not).
+        """
+        self._back = bytes(data) + self._back
+        self.pos -= len(data)
 
     def read_upto(self, n: int) -> bytes:
         """Read up to ``n`` bytes, fewer only at EOF, in bounded pieces."""
         parts = []
         got = 0
+        if self._back and n > 0:
+            parts.append(self._back[:n])
+            got = len(parts[0])
+            self._back = self._back[got:]
         while got < n:
             piece = self.file.read(min(n - got, _READ_PIECE))
             if not piece:
@@ -51,6 +65,8 @@ class ByteSource:
 
     def unread(self, n: int) -> None:
         """Give back the last ``n`` bytes read, where the file can seek; else keep them read."""
+        if self._back:
+            return  # only after a push_back not yet read again: keep it simple, keep them read
         try:
             if self.file.seekable():
                 self.file.seek(-n, io.SEEK_CUR)
@@ -68,4 +84,4 @@ class ByteSource:
             self.file.seek(here)
         except (AttributeError, OSError, ValueError):
             return None
-        return self.pos + max(end - here, 0)
+        return self.pos + len(self._back) + max(end - here, 0)

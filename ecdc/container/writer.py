@@ -7,7 +7,7 @@ Never seeking is what lets ``ecdc encode - > pipe`` work: the header may say
 from __future__ import annotations
 
 import io
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, Mapping
 
 import numpy as np
 
@@ -27,24 +27,28 @@ from .chunks import (
     valid_scale,
 )
 from .header import UNKNOWN_SAMPLES, EcdcHeader, encode_header, max_samples
+from .tags import tags_chunk
 
 
 class EcdcWriter:
     """Streams a version 1 file to any writable binary file object; never seeks.
 
-    The header is written by the constructor, each :meth:`write_chunk` writes
-    one code chunk, and :meth:`finish` writes the end marker (without which
-    readers report the file as truncated).
+    The header (and the tags chunk, when there are ``tags``) is written by the
+    constructor, each :meth:`write_chunk` writes one code chunk, and :meth:`finish`
+    writes the end marker (without which readers report the file as truncated).
     """
 
-    def __init__(self, fileobj: BinaryIO, header: EcdcHeader) -> None:
+    def __init__(self, fileobj: BinaryIO, header: EcdcHeader,
+                 tags: Mapping[str, str] | None = None) -> None:
         header.validate()
+        start = encode_header(header) + tags_chunk(tags or {})  # ValueError before anything is written
         self._f = fileobj
         self.header = header
+        self.tags = dict(tags or {})
         self.chunks_written = 0
         self.frames_written = 0
         self._finished = False
-        self._write(encode_header(header))
+        self._write(start)
 
     def _write(self, data: bytes) -> None:
         write_all(self._f, data)
@@ -137,10 +141,10 @@ class EcdcWriter:
 
 
 def write_ecdc(header: EcdcHeader, chunks: Iterable[CodeChunk], total_samples: int,
-               original_samples: int | None = None) -> bytes:
+               original_samples: int | None = None, tags: Mapping[str, str] | None = None) -> bytes:
     """Serialise a whole version 1 file to bytes."""
     buf = io.BytesIO()
-    writer = EcdcWriter(buf, header)
+    writer = EcdcWriter(buf, header, tags)
     for chunk in chunks:
         writer.write_chunk(chunk)
     writer.finish(total_samples, original_samples)
