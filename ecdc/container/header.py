@@ -20,8 +20,9 @@ from ..errors import FormatError, UnsupportedFeatureError
 MAGIC = b"ECDC"
 #: Major format version written by this module.
 FORMAT_VERSION = 1
-#: Minor format version written by this module.
-FORMAT_MINOR = 0
+#: Minor format version written by this module: 1 when a file uses what version 1.1 adds
+#: (a channel mask, SEPARATE streams), else 0, so a file that uses none of it is a 1.0 file.
+FORMAT_MINOR = 1
 #: Major versions this module can read.
 READABLE_VERSIONS = (0, 1)
 
@@ -36,6 +37,12 @@ MAX_MODEL_CHANNELS = 16
 #: libsndfile's limit (SF_MAX_CHANNELS): no input ecdc reads has more, so no output needs more.
 MAX_ORIGINAL_CHANNELS = 1024
 MAX_CODEBOOKS = 64
+#: Most code streams of a SEPARATE file (one per input channel): 22.2, the largest standard
+#: layout, has 24. Each stream is a batch item through the model, so this bounds the work
+#: and memory one frame asks for.
+MAX_SEPARATE_STREAMS = 24
+#: The WAVE_FORMAT_EXTENSIBLE speaker bits (FL 0x1 .. TBR 0x20000) a channel mask may set.
+MAX_CHANNEL_MASK = 0x3FFFF
 MAX_HOP_LENGTH = 1 << 16
 MAX_SEGMENT_LENGTH = 1 << 24
 MAX_NAME_BYTES = 255
@@ -47,12 +54,17 @@ MAX_DURATION_SECONDS = 7 * 24 * 3600
 _MIN_SAMPLE_BOUND = 1 << 32
 
 _FLAG_SCALE = 0x01
-_KNOWN_FLAGS = _FLAG_SCALE
+#: Set exactly when stereo_mode is SEPARATE, so that a reader of version 1.0, which cannot
+#: know how many streams such a file has, refuses it as a newer feature.
+_FLAG_SEPARATE = 0x02
+_KNOWN_FLAGS = _FLAG_SCALE | _FLAG_SEPARATE
 
 # Header prefix: magic, major, minor, body length.
 PREFIX = struct.Struct("<4sBBH")
 # Fixed part of the version 1.0 header body (file offsets 8..63).
 _BODY = struct.Struct("<IIIIII Q 16s H BBBBBB")  # struct ignores the spaces
+# Version 1.1's field after the model name: the input's channel mask.
+_MASK = struct.Struct("<I")
 #: The CRC32 that ends the header and every chunk.
 CRC = struct.Struct("<I")
 
@@ -69,6 +81,7 @@ class StereoMode(enum.IntEnum):
     JOINT = 1  #: the model codes all channels together (e.g. the stereo 48 kHz model)
     DOWNMIX = 2  #: multi-channel input mixed to mono for a mono model
     DUAL = 3  #: each of 2 channels coded separately through a mono model (2 code streams)
+    SEPARATE = 4  #: each of original_channels channels coded separately through a mono model
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,8 @@ class EcdcHeader:
     streaming and the end chunk carries the count.  Decoders must not
     preallocate from ``num_samples`` (a hostile file can claim anything); the
     reader checks it against the end chunk and the frames actually present.
+    ``channel_mask`` is the input's WAVE_FORMAT_EXTENSIBLE speaker mask, 0 for the
+    default layout of ``original_channels`` (docs/FORMAT.md, section 3).
     """
 
     model_name: str
@@ -98,6 +113,7 @@ class EcdcHeader:
     original_sample_rate: int
     original_channels: int
     version: int = FORMAT_VERSION
+    channel_mask: int = 0
 
     def __post_init__(self) -> None:
         # Normalise harmless representation differences so equality works.
@@ -116,8 +132,16 @@ class EcdcHeader:
 
     @property
     def streams(self) -> int:
-        """Independent code streams per frame: 2 for DUAL, else 1."""
+        """Independent code streams per frame: 2 for DUAL, one per input channel for
+        SEPARATE, else 1."""
+        if self.stereo_mode == StereoMode.SEPARATE:
+            return self.original_channels
         return 2 if self.stereo_mode == StereoMode.DUAL else 1
+
+    @property
+    def minor_version(self) -> int:
+        """The minor version this header is written as: 1 only if it needs version 1.1."""
+        return FORMAT_MINOR if self.channel_mask or self.stereo_mode == StereoMode.SEPARATE else 0
 
     @property
     def segmented(self) -> bool:
@@ -186,6 +210,14 @@ class EcdcHeader:
             raise bad(f"DOWNMIX needs channels == 1 and original_channels >= 2, got {ch} and {orig}")
         if mode == StereoMode.DUAL and not (ch == 1 and orig >= 2):
             raise bad(f"DUAL needs channels == 1 and original_channels >= 2, got {ch} and {orig}")
+        if mode == StereoMode.SEPARATE and not (ch == 1 and 2 <= orig <= MAX_SEPARATE_STREAMS):
+            raise bad(f"SEPARATE needs channels == 1 and original_channels in 2..{MAX_SEPARATE_STREAMS}, "
+                      f"got {ch} and {orig}")
+        if not is_int(self.channel_mask) or not 0 <= self.channel_mask <= MAX_CHANNEL_MASK:
+            raise bad(f"channel_mask must be an integer in 0..0x{MAX_CHANNEL_MASK:X}, got {self.channel_mask!r}")
+        if int(self.channel_mask).bit_count() > orig:
+            raise bad(f"channel_mask 0x{self.channel_mask:X} names more speakers than the "
+                      f"{orig} original channels")
         if isinstance(self.bandwidth, bool) or not isinstance(self.bandwidth, (int, float)):
             raise bad(f"bandwidth must be a number of kbps, got {self.bandwidth!r}")
         if not math.isfinite(self.bandwidth) or not 1 <= self.bandwidth_bps <= 0xFFFFFFFF:
@@ -223,10 +255,13 @@ def encode_header(header: EcdcHeader) -> bytes:
         int(header.stereo_mode),
         header.num_codebooks,
         header.bits_per_code,
-        _FLAG_SCALE if header.has_scale else 0,
+        (_FLAG_SCALE if header.has_scale else 0)
+        | (_FLAG_SEPARATE if header.stereo_mode == StereoMode.SEPARATE else 0),
         len(name),
     ) + name
-    head = PREFIX.pack(MAGIC, FORMAT_VERSION, FORMAT_MINOR, len(body)) + body
+    if header.channel_mask:
+        body += _MASK.pack(header.channel_mask)
+    head = PREFIX.pack(MAGIC, FORMAT_VERSION, header.minor_version, len(body)) + body
     return head + CRC.pack(zlib.crc32(head))
 
 
@@ -254,6 +289,10 @@ def decode_body(body: bytes) -> EcdcHeader:
         stereo = StereoMode(mode)
     except ValueError:
         raise FormatError(f"corrupt .ecdc header: unknown stereo mode {mode}") from None
+    if bool(flags & _FLAG_SEPARATE) != (stereo == StereoMode.SEPARATE):
+        raise FormatError("corrupt .ecdc header: the SEPARATE flag and the stereo mode disagree")
+    mask_at = _BODY.size + name_len
+    channel_mask = _MASK.unpack_from(body, mask_at)[0] if len(body) >= mask_at + _MASK.size else 0
     header = EcdcHeader(
         model_name=name,
         weights_fingerprint=fingerprint,
@@ -271,6 +310,7 @@ def decode_body(body: bytes) -> EcdcHeader:
         original_sample_rate=orig_sr,
         original_channels=orig_ch,
         version=1,
+        channel_mask=channel_mask,
     )
     header.validate()
     return header
