@@ -23,12 +23,15 @@ class Chunker:
     """Cuts the encoder's output into container chunks, as the whole-file path always has.
 
     Segmented models: one chunk per segment (with its scale). Unsegmented ones: runs of
-    frames regrouped into chunks of ``per_chunk`` frames (about one second).
+    frames regrouped into chunks of ``per_chunk`` frames (about one second); ``eager``
+    (low latency) sends what the encoder gave at once instead, in chunks of at most
+    ``per_chunk`` frames, so that no frame waits for the next block's.
     """
 
-    def __init__(self, per_chunk: int, segmented: bool):
+    def __init__(self, per_chunk: int, segmented: bool, eager: bool = False):
         self.per_chunk = per_chunk
         self.segmented = segmented
+        self.eager = eager
         self._codes: list[np.ndarray] = []
         self._frames = 0
 
@@ -45,6 +48,8 @@ class Chunker:
             self._frames += codes.shape[-1]
             if self._frames >= self.per_chunk:
                 yield from self._cut(final=False)
+        if self.eager:
+            yield from self._cut(final=True)
 
     def flush(self) -> Iterator[CodeChunk]:
         return self._cut(final=True)

@@ -13,6 +13,15 @@ once. Two kinds of model, two strategies:
   history. Windows start on multiples of the hop, so every strided layer keeps its
   alignment, and the last block's end-of-file padding is the whole-file one. Internal
   blocks (``block_seconds``) are independent of how much the caller pushes at a time.
+  Low latency (:func:`engine_seconds`): blocks and chunks may be as short as ``MIN_ROWS``
+  frames (0.21 s at 75 Hz), each call widened to the left to its full size over audio
+  already coded (so a 0.5 s block costs about twice the compute of long ones). Only the
+  encoder's *first* block must be long (for the 24 kHz models 0.87-1.1 s of audio on one
+  thread, more with more threads, as :func:`~ecdc.models.windows.min_input_width`
+  says): an input of that length is coded in the long-pass regime, a shorter one in one
+  whole-file call at the end, and codes sent early cannot be taken back. The decoder has no such
+  floor (its audio need only match to float rounding): a call with too little history is
+  zero-padded on the right instead (:func:`~ecdc.models.windows.run_min_width`).
   The sample-rate layers (the encoder's convolutions before the LSTM, the decoder's
   after it) hold most of the activations and run on short blocks; the frame-rate ones
   (LSTM, quantiser, the convolutions beside them) hold little per second but pay a fixed
@@ -60,7 +69,16 @@ from ..errors import ModelError
 from .batching import Runs, audio_key, codes_key
 from .encodec import EncodecModel, EncodedSegment
 from .seanet import run_layers
-from .windows import MIN_ROWS, history_to_use, left_context, lstm_step, min_input_width, split_at_lstm, with_history
+from .windows import (
+    MIN_ROWS,
+    history_to_use,
+    left_context,
+    lstm_step,
+    min_input_width,
+    run_min_width,
+    split_at_lstm,
+    with_history,
+)
 
 # Audio per block: 2 s keeps a block's activations (and so peak memory) small while each
 # conv and GEMM call is still large enough to run at full speed on oneDNN/MKL.
@@ -71,6 +89,18 @@ DEFAULT_DECODER_BLOCK_SECONDS = 1.0
 # second but pay a fixed cost per call (oneDNN re-packs the LSTM's 8 MB of weights on
 # every call: ~15 ms, as much as 110 of its time steps), so they run on longer chunks.
 DEFAULT_CHUNK_SECONDS = 10.0
+
+
+def engine_seconds(latency: float | None) -> dict[str, float]:
+    """``block_seconds`` and ``chunk_seconds`` for either engine: the throughput defaults
+    for None, else blocks and chunks of ``latency`` seconds (0: the smallest the engine
+    takes). Codes are the same either way; small blocks recompute more per second."""
+    if latency is None:
+        return {}
+    if not latency >= 0:
+        raise ValueError(f"latency must be >= 0, got {latency}")
+    seconds = max(float(latency), 1e-3)  # the engines round up to their smallest blocks
+    return {"block_seconds": seconds, "chunk_seconds": seconds}
 
 
 def _check_seconds(**lengths: float) -> None:
@@ -200,9 +230,15 @@ class StreamingEncoder:
         # LSTM outputs kept for the tail: its reach, plus enough frames that a one-frame
         # final block still gives the tail convs and the quantiser full-size calls.
         self._history = tail_reach + max(min_input_width(self._tail, threads), MIN_ROWS)
-        min_block = max(-(-self._min_window // hop), min_input_width(self._tail, threads), MIN_ROWS,
-                        tail_reach + 1)
-        self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
+        # The first block must be long enough that an input of that length is coded in the
+        # regime of a long pass (a shorter one is coded whole at the end instead): its
+        # window, the tail's call and the quantiser's are then all full-size. Later blocks
+        # may be as short as the LSTM's and the quantiser's smallest calls (low latency):
+        # their windows are widened to the left over samples already coded.
+        first_block = max(-(-self._min_window // hop), min_input_width(self._tail, threads), MIN_ROWS,
+                          tail_reach + 1)
+        self.block_frames = max(MIN_ROWS, tail_reach + 1, round(block_seconds * model.frame_rate))
+        self.first_frames = max(first_block, self.block_frames)
         # The layers from the LSTM on run on chunks of this many frames.
         self.chunk_frames = max(self.block_frames, round(chunk_seconds * model.frame_rate))
         self._keep = max(self._context, self._min_window)  # samples kept before frame _next
@@ -221,10 +257,10 @@ class StreamingEncoder:
         if self._seg_len is not None:
             return self._segments(final=False)
         out = []
-        while (self._next + self.block_frames) * self._hop <= self.num_samples:
-            self._stack_block(self.block_frames, final=False)
-            while self._feat_frames >= self.chunk_frames:
-                out.append(self._frame_chunk(self.chunk_frames, final=False))
+        while (self._next + self._block_size()) * self._hop <= self.num_samples:
+            self._stack_block(self._block_size(), final=False)
+            while self._feat_frames >= self._chunk_size():
+                out.append(self._frame_chunk(self._chunk_size(), final=False))
         return out
 
     @torch.inference_mode()
@@ -247,8 +283,8 @@ class StreamingEncoder:
         if total_frames > self._next:
             self._stack_block(total_frames - self._next, final=True)
         out = []
-        while self._feat_frames > self.chunk_frames:
-            out.append(self._frame_chunk(self.chunk_frames, final=False))
+        while self._feat_frames > self._chunk_size():
+            out.append(self._frame_chunk(self._chunk_size(), final=False))
         if self._feat_frames:
             out.append(self._frame_chunk(self._feat_frames, final=True))
         self._release()
@@ -268,6 +304,15 @@ class StreamingEncoder:
                              f"samples], got {shape}")
         if not wav.is_floating_point():
             raise ModelError(f"audio must be floating point, got {wav.dtype}")
+
+    def _block_size(self) -> int:
+        """Frames of the next block: the first is long enough to be full-size on its own."""
+        return self.first_frames if self._next == 0 else self.block_frames
+
+    def _chunk_size(self) -> int:
+        """Frames of the next chunk past the LSTM: the first has no history to widen its
+        calls with, so it takes the whole first block."""
+        return self.chunk_frames if self._hist is not None else max(self.chunk_frames, self.first_frames)
 
     def _release(self) -> None:
         self._buf = _InputBuffer()
@@ -322,7 +367,7 @@ class StreamingEncoder:
         """Codes of the next ``frames`` waiting frames; ``final`` when they are the last."""
         feats = self._take_feats(frames)
         spoilt = 0 if self._hist is None else self._tail_reach
-        use = history_to_use(self._tail_reach, self._history, frames, final)
+        use = history_to_use(self._tail_reach, self._history, frames)
         if self._lstm is None:
             latent, self._hist = with_history(self._hist, feats, self._history, use, dim=-1)
             latent = run_layers(self._tail, latent)
@@ -391,11 +436,15 @@ class StreamingDecoder:
         self._post_history = self._post_reach + min_input_width(self._post, threads)
         self._pre_history = self._pre_reach + min_input_width(self._pre, threads)
         # The layers after the LSTM run on blocks of this many frames; the quantiser, the
-        # LSTM and the layers before it on chunks. Each has its own smallest full size.
-        min_block = max(min_input_width(self._post, threads), MIN_ROWS, self._post_reach + 1)
-        min_chunk = max(min_input_width(self._pre, threads), MIN_ROWS, self._pre_reach + 1)
-        self.block_frames = max(min_block, round(block_seconds * model.frame_rate))
-        self.chunk_frames = max(min_chunk, round(chunk_seconds * model.frame_rate))
+        # LSTM and the layers before it on chunks. Either may be short (low latency): a
+        # call is widened with history to its part's full size, and one that has too
+        # little history (at the start) is zero-padded on the right instead
+        # (:func:`~ecdc.models.windows.run_min_width`). Chunks are at least the LSTM's
+        # smallest call, so that the state it carries is a long pass's.
+        self._pre_width = min_input_width(self._pre, threads)
+        self._post_width = min_input_width(self._post, threads)
+        self.block_frames = max(MIN_ROWS, self._post_reach + 1, round(block_seconds * model.frame_rate))
+        self.chunk_frames = max(MIN_ROWS, self._pre_reach + 1, round(chunk_seconds * model.frame_rate))
 
     @torch.inference_mode()
     def push(self, segment: EncodedSegment) -> torch.Tensor:
@@ -416,7 +465,7 @@ class StreamingDecoder:
         while self._pending >= self.chunk_frames:
             self._frame_chunk(self.chunk_frames, final=False)
             while self._mid_frames >= self.block_frames:
-                out.append(self._post_block(self.block_frames, final=False))
+                out.append(self._post_block(self.block_frames))
         return self._cat(out)
 
     @torch.inference_mode()
@@ -438,7 +487,7 @@ class StreamingDecoder:
             self._frame_chunk(frames, final=frames == self._pending)
         while self._mid_frames:
             frames = self._mid_frames if self._mid_frames <= self.block_frames else self.block_frames
-            out.append(self._post_block(frames, final=frames == self._mid_frames))
+            out.append(self._post_block(frames))
         self._lat_hist = self._y_hist = self._state = None
         return self._cat(out)
 
@@ -491,26 +540,27 @@ class StreamingDecoder:
             self._mid.append(lat)
         else:
             x, self._lat_hist = with_history(self._lat_hist, lat, self._pre_history,
-                                             history_to_use(self._pre_reach, self._pre_history, frames, final),
+                                             history_to_use(self._pre_reach, self._pre_history, frames),
                                              dim=-1)
-            z = run_layers(self._pre, x)[..., -frames:]
+            z = run_min_width(self._pre, x, self._pre_width)[..., -frames:]
             y, self._state = lstm_step(self._lstm, z, self._state, last=final)
             self._mid.append(y)
         self._mid_frames += frames
         self._decoded += frames
 
-    def _post_block(self, frames: int, final: bool) -> torch.Tensor:
-        """Audio of the next ``frames`` waiting frames; ``final`` when they are the last."""
+    def _post_block(self, frames: int) -> torch.Tensor:
+        """Audio of the next ``frames`` waiting frames (a short last block is widened like
+        any short one, with history)."""
         dim = -1 if self._lstm is None else 0
         mid = torch.cat(self._mid, dim=dim) if len(self._mid) > 1 else self._mid[0]
         y, rest = mid.narrow(dim, 0, frames), mid.narrow(dim, frames, mid.shape[dim] - frames)
         self._mid = [rest] if rest.shape[dim] else []
         self._mid_frames -= frames
         y_all, self._y_hist = with_history(self._y_hist, y, self._post_history,
-                                           history_to_use(self._post_reach, self._post_history, frames, final),
+                                           history_to_use(self._post_reach, self._post_history, frames),
                                            dim=dim)
-        z = y_all if self._lstm is None else y_all.permute(1, 2, 0)
-        return run_layers(self._post, z)[..., -frames * self._hop:]
+        # Time-major after the LSTM ([T, B, C], run as its [B, C, T] view).
+        return run_min_width(self._post, y_all, self._post_width, dim=dim, scale=self._hop)[..., -frames * self._hop:]
 
     def _decode_run(self, run: list[EncodedSegment]) -> list[torch.Tensor]:
         if len(run) > 1:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .modules import SLSTM, SConv1d, SConvTranspose1d
-from .seanet import SEANetResnetBlock
+from .seanet import SEANetResnetBlock, run_layers
 
 # PyTorch (CPU, float32, batch of one) convolves with oneDNN only above this many input
 # elements per call (channels x width); below it a GEMM fallback rounds differently.
@@ -163,8 +163,27 @@ def with_history(hist: torch.Tensor | None, new: torch.Tensor, keep: int, use: i
     return full.narrow(dim, length - used, used), kept
 
 
-def history_to_use(reach: int, history: int, frames: int, final: bool) -> int:
+def history_to_use(reach: int, history: int, frames: int) -> int:
     """Steps of history to put before ``frames`` new ones: the layers' ``reach``; for a
-    short last block, enough more that the call is ``history`` wide (full-size calls) but
-    no wider (a block's activations set the peak memory)."""
-    return max(reach, history - frames) if final else reach
+    short block (the last one, or any in low-latency use), enough more that the call is
+    ``history`` wide (full-size calls) but no wider (a block's activations set the peak
+    memory)."""
+    return max(reach, history - frames)
+
+
+def run_min_width(layers: Sequence[nn.Module], x: torch.Tensor, width: int, dim: int = -1,
+                  scale: int = 1) -> torch.Tensor:
+    """The causal ``layers`` on ``x`` zero-padded on the right (along ``dim``) to ``width``
+    positions, their output cut back to the real ones (``scale`` outputs per input).
+
+    For a call too narrow for the long-input code path (the start of a low-latency
+    decode, which has no history yet): causal layers compute the real positions from
+    the real inputs only, and the padded call takes the kernels of a long pass.
+    """
+    length = x.shape[dim]
+    if length < width:
+        shape = list(x.shape)
+        shape[dim] = width - length
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    out = run_layers(layers, x.movedim(dim, -1))
+    return out if length >= width else out[..., :length * scale]
