@@ -15,7 +15,7 @@ def resolve_device(device: str = "cpu") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("CUDA was requested but no CUDA device is available (use --device cpu)")
+        raise ModelError("CUDA was requested but no CUDA device is available (use --device cpu)", where="")
     try:
         return torch.device(device)
     except RuntimeError:

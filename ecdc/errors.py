@@ -4,9 +4,27 @@ Everything the CLI is expected to catch derives from :class:`EcdcError`; any oth
 exception reaching the CLI is a bug in ecdc.
 """
 
+from __future__ import annotations
+
+import os
+
 
 class EcdcError(Exception):
-    """Base class: a problem with the user's input or environment, not a bug."""
+    """Base class: a problem with the user's input or environment, not a bug.
+
+    ``where`` says what the problem is about when that is not the command's input, so that
+    the line a user reads blames the right thing (:mod:`ecdc.messages`): a file (a
+    checkpoint, ``--checkpoint nope.th``) is named as the line's file; ``""`` puts no file
+    before the message, which names what is at fault itself ("cannot write out.wav: ...")
+    or is about no file (an unsupported ``-b``, an unknown ``--model``).
+    ``str()`` is the whole message, starting with the file when there is one, for callers
+    of the API; ``reason`` is the message without it.
+    """
+
+    def __init__(self, message: str = "", *, where: str | os.PathLike[str] | None = None):
+        self.where = None if where is None else os.fspath(where)
+        self.reason = message
+        super().__init__(f"{self.where}: {message}" if self.where else message)
 
 
 class FormatError(EcdcError):

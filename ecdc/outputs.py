@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from .errors import OutputError
+from .messages import output_name
+from .streams import STDIO
 
 #: errno values that mean "the output cannot grow", and what usually causes them.
 _WRITE_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "a file-size limit or the file system's maximum",
@@ -83,7 +85,7 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[BinaryIO
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
             raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]}); "
-                              f"nothing was written") from None
+                              f"nothing was written", where="") from None
         raise
 
 
@@ -95,14 +97,14 @@ def _output_target(shown: Path, overwrite: bool) -> tuple[str, Path]:
     except FileNotFoundError:
         if os.path.islink(shown):
             raise OutputError(f"cannot write {shown}: it is a symlink to {_link_text(shown)}, which does not "
-                              f"exist (ecdc writes through links only to existing files)") from None
+                              f"exist (ecdc writes through links only to existing files)", where="") from None
         return "file", shown
     except OSError as exc:
-        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}", where="") from None
     if stat.S_ISDIR(info.st_mode):
-        raise OutputError(f"cannot write {shown}: it is a directory")
+        raise OutputError(f"cannot write {shown}: it is a directory", where="")
     if not overwrite:
-        raise OutputError(f"{shown} exists; use -f to overwrite")
+        raise OutputError(f"{shown} exists; use -f to overwrite", where="")
     if not stat.S_ISREG(info.st_mode):
         return "special", shown
     if not os.path.islink(shown):
@@ -113,7 +115,8 @@ def _output_target(shown: Path, overwrite: bool) -> tuple[str, Path]:
     except OSError:
         same = False
     if not same:  # e.g. /proc/self/fd/N of a deleted file: no path to put a new file at
-        raise OutputError(f"cannot write {shown}: its symlink does not lead to a path where a file can be replaced")
+        raise OutputError(f"cannot write {shown}: its symlink does not lead to a path where a file can be replaced",
+                          where="")
     return "file", final
 
 
@@ -137,8 +140,8 @@ def _create_temp(final: Path, shown: Path) -> tuple[int, Path]:
         except FileExistsError:
             continue
         except OSError as exc:
-            raise OutputError(f"cannot create {shown}: {exc.strerror or exc}") from None
-    raise OutputError(f"cannot create {shown}: no unused temporary name beside it")
+            raise OutputError(f"cannot create {shown}: {exc.strerror or exc}", where="") from None
+    raise OutputError(f"cannot create {shown}: no unused temporary name beside it", where="")
 
 
 @contextlib.contextmanager
@@ -147,17 +150,17 @@ def _direct_output(shown: Path) -> Iterator[BinaryIO]:
     try:
         fd = os.open(shown, os.O_WRONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))  # no O_CREAT
     except OSError as exc:
-        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {shown}: {exc.strerror or exc}", where="") from None
     if stat.S_ISREG(os.fstat(fd).st_mode) or stat.S_ISDIR(os.fstat(fd).st_mode):
         os.close(fd)  # replaced by a file since it was looked at: writing in place would not be atomic
-        raise OutputError(f"cannot write {shown}: it was replaced while ecdc opened it")
+        raise OutputError(f"cannot write {shown}: it was replaced while ecdc opened it", where="")
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
     except OSError as exc:
         if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]})") from None
+            raise OutputError(f"cannot write {shown}: {exc.strerror} ({_WRITE_ERRNOS[exc.errno]})", where="") from None
         raise
 
 
@@ -169,7 +172,20 @@ def _commit(tmp: Path, final: Path, shown: Path, overwrite: bool) -> None:
     try:
         rename_noreplace(tmp, final)
     except FileExistsError:
-        raise OutputError(f"{shown} exists (created while ecdc was writing); use -f to overwrite") from None
+        raise OutputError(f"{shown} exists (created while ecdc was writing); use -f to overwrite", where="") from None
+
+
+@contextlib.contextmanager
+def stdout_failures() -> Iterator[None]:
+    """Name standard output in the errors its writes fail with (a full disk behind ``-o - >
+    file``), as :func:`atomic_output` names its file: the OSError names no file, and the
+    command's line would blame the input."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS and exc.filename is None:
+            raise OutputError(f"{exc.strerror} ({_WRITE_ERRNOS[exc.errno]})", where=output_name(STDIO)) from None
+        raise
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:

@@ -65,11 +65,13 @@ Where each part of the format lives:
 * :mod:`.chunks`: chunk framing, :class:`CodeChunk`, :class:`Gap`, code chunk payloads,
   the end marker (parsed in one place for every reader).
 * :mod:`.writer`: :class:`EcdcWriter`, :func:`write_ecdc`.
+* :mod:`.encoded`: :class:`EncodedAudio`, a whole file in memory.
 * :mod:`.reader`: :class:`EcdcReader` (strict version 1, and the dispatch to salvage and
   version 0), :func:`read_ecdc`.
 * :mod:`.scanner`: salvage's first stage, the resynchronising scanner, and the named
   events it passes on.
 * :mod:`.salvage`: salvage's second stage, the gap accountant, and the silence limit.
+* :mod:`.tags`: the tags chunk (the input's title, artist, ...), optional data old readers skip.
 * :mod:`.v0`: Meta's version 0.
 * :mod:`.source`: bounded reads from the file object.
 
@@ -98,6 +100,7 @@ from .chunks import (
     Gap,
     encode_chunk,
 )
+from .encoded import EncodedAudio
 from .header import (
     FORMAT_MINOR,
     FORMAT_VERSION,
@@ -120,6 +123,7 @@ from .header import (
 )
 from .reader import EcdcReader, read_ecdc
 from .salvage import SALVAGE_SILENCE_RATIO, salvage_silence_limit
+from .tags import CHUNK_TAGS, TAG_KEYS, Tags
 from .writer import EcdcWriter, write_ecdc
 
 __all__ = [
@@ -129,6 +133,9 @@ __all__ = [
     "READABLE_VERSIONS",
     "CHUNK_CODES",
     "CHUNK_END",
+    "CHUNK_TAGS",
+    "TAG_KEYS",
+    "Tags",
     "MAX_CHUNK_PAYLOAD",
     "MAX_CHUNK_CODES",
     "MAX_DURATION_SECONDS",
@@ -143,6 +150,7 @@ __all__ = [
     "Gap",
     "EcdcWriter",
     "EcdcReader",
+    "EncodedAudio",
     "encode_header",
     "encode_chunk",
     "write_ecdc",
