@@ -33,6 +33,7 @@ The ``check_*`` helpers are public so that streaming readers can apply the same 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -45,9 +46,9 @@ import numpy as np
 import soundfile
 import soxr
 
-from .container import MAX_ORIGINAL_CHANNELS
+from .container import MAX_ORIGINAL_CHANNELS, EcdcHeader
 from .errors import AudioError
-from .messages import first_line
+from .messages import first_line, unreadable_format_text
 
 PathOrFile = str | os.PathLike | BinaryIO
 
@@ -68,6 +69,9 @@ MAX_BUFFERED_INPUT = 256 << 20
 
 #: Bytes of a pipe or device input examined to tell whether it can be audio at all.
 SNIFF_BYTES = 12
+
+#: Added to "not recognised" errors: headerless PCM has no header to recognise.
+RAW_HINT = "; if it is headerless PCM, say so with --raw (and --raw-rate, --raw-channels, --raw-format)"
 
 # libsndfile refuses paths this long ("Supplied filename too long"; its buffer is 1 KiB).
 _SF_MAX_PATH = 1000
@@ -127,10 +131,86 @@ def check_audio_head(head: bytes) -> None:
     libsndfile tells its formats apart by their first 12 bytes alone, so a pipe or device
     that fails the same tests (``/dev/zero``, ``/dev/urandom``) is refused at once instead
     of being buffered first. Shorter input is left to libsndfile (it is all there is).
+    A format libsndfile cannot decode (m4a, wma, ...: :func:`unreadable_format`) is named,
+    with the ffmpeg pipe that converts it.
     """
+    named = unreadable_format(head)
+    if named:
+        raise AudioError(unreadable_format_text(named, None))
     if len(head) >= SNIFF_BYTES and not _could_be_audio(head):
         raise AudioError("cannot read audio: Format not recognised (its first bytes begin no "
-                         "audio format ecdc reads)")
+                         f"audio format ecdc reads){RAW_HINT}")
+
+
+#: Bytes of an input's start that :func:`unreadable_format` looks at (FLAC's STREAMINFO ends at 42).
+FORMAT_HEAD_BYTES = 64
+
+# The ASF header object's GUID, which every .wma / .wmv file starts with.
+_ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
+# Magic words at the start of formats libsndfile has no decoder for.
+_FOREIGN_MAGIC = ((b"\x1aE\xdf\xa3", "Matroska/WebM audio (.mka, .webm)"), (b"MAC ", "Monkey's Audio (.ape)"),
+                  (b"wvpk", "WavPack (.wv)"), (b"TTA1", "TTA (.tta)"), (b"#!AMR", "AMR (.amr)"),
+                  (b"ADIF", "AAC (.aac, ADIF)"), (b"DSD ", "DSD audio (.dsf)"), (b"FRM8", "DSD audio (.dff)"),
+                  (_ASF_GUID, "Windows Media (.wma, ASF)"))
+
+
+def unreadable_format(head: bytes) -> str | None:
+    """The name of the format ``head`` (an input's first bytes) begins, when it is one this
+    libsndfile cannot decode (m4a, wma, ...), so that the error can say what the file is and
+    how to convert it; None for anything else (libsndfile's own error then stands).
+
+    Also a FLAC stream whose STREAMINFO says 0 samples (unknown, as ffmpeg writes FLAC to a
+    pipe): libsndfile opens it but fails on the first read ("Internal psf_fseek() failed"),
+    seekable or not. MP3 only when this libsndfile was built without it.
+    """
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"M4A ", b"M4B ", b"M4P "):
+            return "MPEG-4 audio (.m4a: AAC or ALAC)"
+        return "a QuickTime movie (.mov)" if brand == b"qt  " else "an MPEG-4 file (.mp4, .m4a: AAC)"
+    for magic, name in _FOREIGN_MAGIC:
+        if head.startswith(magic):
+            return name
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:
+        return "AAC (.aac, ADTS)"  # the MPEG sync word with layer 0, which MPEG audio never has
+    # STREAMINFO comes first: 34 bytes, a sample rate (20 bits from byte 18), then a 36-bit sample count.
+    if head[:4] == b"fLaC" and len(head) >= 26 and head[4] & 0x7F == 0 and head[5:8] == b"\x00\x00\x22":
+        rate = head[18] << 12 | head[19] << 4 | head[20] >> 4
+        if rate and head[21] & 0x0F == 0 and not any(head[22:26]):
+            return "FLAC with an unknown length (STREAMINFO says 0 samples, as ffmpeg writes FLAC to a pipe)"
+    if "MP3" not in soundfile.available_formats() and (
+            head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)):
+        return "MP3 (this libsndfile was built without it)"
+    return None
+
+
+def unreadable_error(source: object, reason: str) -> AudioError:
+    """The error for audio libsndfile refused (opening it, or reading it) with ``reason``:
+    it names the format where the input's first bytes tell one libsndfile cannot decode
+    (:func:`unreadable_format`). ``source`` is a path or a seekable file object."""
+    head = _head_of(source)
+    named = unreadable_format(head) if head else None
+    if named:
+        path = source if isinstance(source, str) else getattr(source, "name", None)
+        return AudioError(unreadable_format_text(named, path if isinstance(path, str) else None))
+    return AudioError(f"cannot read audio: {reason}")
+
+
+def _head_of(source: object) -> bytes:
+    """The first :data:`FORMAT_HEAD_BYTES` of a path or seekable file object (b"" if unreadable)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return f.read(FORMAT_HEAD_BYTES)
+        if isinstance(source, io.IOBase) and source.seekable():
+            at = source.tell()
+            source.seek(0)
+            head = source.read(FORMAT_HEAD_BYTES)
+            source.seek(at)
+            return head if isinstance(head, bytes) else b""
+    except (OSError, ValueError):
+        pass
+    return b""
 
 
 def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: int | None = MAX_BUFFERED_INPUT) -> io.BytesIO:
@@ -143,9 +223,9 @@ def buffer_stream(stream: BinaryIO, head: bytes = b"", limit: int | None = MAX_B
     buf = io.BytesIO()
     buf.write(head)
     try:
-        if len(head) < SNIFF_BYTES:
-            buf.write(read_upto(stream, SNIFF_BYTES - len(head)))
-        check_audio_head(buf.getvalue()[:SNIFF_BYTES])
+        if len(head) < FORMAT_HEAD_BYTES:
+            buf.write(read_upto(stream, FORMAT_HEAD_BYTES - len(head)))
+        check_audio_head(buf.getvalue()[:FORMAT_HEAD_BYTES])
         while True:
             piece = stream.read(1 << 20)
             if not piece:
@@ -293,6 +373,229 @@ def to_channels(wav: np.ndarray, channels: int) -> np.ndarray:
         groups = [wav[i::channels].mean(axis=0) for i in range(channels)]
         return np.stack(groups).astype(np.float32)
     return np.ascontiguousarray(wav[np.arange(channels) % have])
+
+
+# -- channel layout ---------------------------------------------------------------------
+#
+# A layout is the speaker of each channel, as WAVE_FORMAT_EXTENSIBLE speaker bits
+# (``SPEAKER_FRONT_LEFT`` = 0x1, ...), 0 for a channel with no speaker assigned. A WAV
+# channel mask lists the speakers of the channels in bit order; channels beyond its bits
+# have none. Where the input does not say (no mask, a mask of 0, any format but WAV), the
+# layout is ffmpeg's default for the channel count (av_channel_layout_default).
+
+#: WAVE_FORMAT_EXTENSIBLE speaker bits, in the order channels take them, with ffmpeg's names.
+SPEAKERS = ("FL", "FR", "FC", "LFE", "BL", "BR", "FLC", "FRC", "BC", "SL", "SR",
+            "TC", "TFL", "TFC", "TFR", "TBL", "TBC", "TBR")
+#: The speaker bits defined by Microsoft (0x1 .. 0x20000); a mask with others is not valid.
+KNOWN_SPEAKER_BITS = (1 << len(SPEAKERS)) - 1
+FL, FR, FC, LFE = 0x1, 0x2, 0x4, 0x8
+#: ffmpeg's default layout for each channel count (mono, stereo, 2.1, 4.0, 5.0, 5.1, 6.1,
+#: 7.1); other counts have no default, so their channels have no speakers.
+DEFAULT_MASKS = {1: 0x4, 2: 0x3, 3: 0xB, 4: 0x107, 5: 0x37, 6: 0x3F, 7: 0x70F, 8: 0x63F}
+
+_HALF_POWER = float(np.sqrt(0.5))  # -3 dB
+# (left, right) gain of each speaker in a downmix to stereo: ITU-R BS.775 (centre and
+# surrounds at -3 dB, LFE dropped), extended to the other speakers by their side: left or
+# right ones at -3 dB to their side (front-of-centre ones at 0 dB, as front left and
+# right), ones on the centre line behind or above at -3 dB split -3 dB to each side
+# (-6 dB), and a channel with no speaker like the centre.
+_STEREO_GAINS = {
+    "FL": (1.0, 0.0), "FR": (0.0, 1.0), "FC": (_HALF_POWER, _HALF_POWER), "LFE": (0.0, 0.0),
+    "BL": (_HALF_POWER, 0.0), "BR": (0.0, _HALF_POWER), "FLC": (1.0, 0.0), "FRC": (0.0, 1.0),
+    "BC": (0.5, 0.5), "SL": (_HALF_POWER, 0.0), "SR": (0.0, _HALF_POWER), "TC": (0.5, 0.5),
+    "TFL": (_HALF_POWER, 0.0), "TFC": (0.5, 0.5), "TFR": (0.0, _HALF_POWER),
+    "TBL": (_HALF_POWER, 0.0), "TBC": (0.5, 0.5), "TBR": (0.0, _HALF_POWER),
+}
+_NO_SPEAKER_GAINS = (_HALF_POWER, _HALF_POWER)
+
+# The format tag of a WAV 'fmt ' chunk that carries a channel mask.
+_WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+
+
+def default_channel_mask(channels: int) -> int:
+    """ffmpeg's default speaker mask for ``channels`` channels; 0 where it has none."""
+    return DEFAULT_MASKS.get(int(channels), 0)
+
+
+def channel_layout(channels: int, mask: int | None = None) -> tuple[int, ...]:
+    """The speaker bit of each of ``channels`` channels (0: none) that ``mask`` gives them.
+
+    No mask (or 0) means the default for the count. Bits past the ``channels`` lowest set
+    ones are ignored, and channels past the mask's bits get no speaker, as Microsoft says
+    for WAVE_FORMAT_EXTENSIBLE.
+    """
+    mask = int(mask or 0) & KNOWN_SPEAKER_BITS or default_channel_mask(channels)
+    bits = [1 << i for i in range(len(SPEAKERS)) if mask >> i & 1][:channels]
+    return tuple(bits) + (0,) * (channels - len(bits))
+
+
+def layout_mask(layout: tuple[int, ...]) -> int:
+    """The channel mask that describes ``layout`` (the speakers of its leading assigned
+    channels, which is all a mask can say); 0 if its first channel has none."""
+    mask = 0
+    for bit in layout:
+        if not bit or bit <= mask:  # unassigned, or out of bit order: the mask ends here
+            break
+        mask |= bit
+    return mask
+
+
+def describe_layout(layout: tuple[int, ...]) -> str:
+    """``FL+FR+FC+LFE+BL+BR`` (ffmpeg's speaker names; ``?`` for a channel with none)."""
+    return "+".join(SPEAKERS[bit.bit_length() - 1] if bit else "?" for bit in layout)
+
+
+def _stereo_gains(bit: int) -> tuple[float, float]:
+    return _STEREO_GAINS[SPEAKERS[bit.bit_length() - 1]] if bit else _NO_SPEAKER_GAINS
+
+
+@functools.lru_cache(maxsize=64)
+def mix_matrix(src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
+    """The ``[len(dst), len(src)]`` gains that turn audio in layout ``src`` into ``dst``.
+
+    * To stereo (from more than two channels): ITU-R BS.775, ``L = FL + 0.7071 FC +
+      0.7071 BL`` (or SL) and ``R`` likewise for 5.1, LFE dropped; other speakers by
+      ``_STEREO_GAINS``. Both rows are then divided by the larger row sum, so the mix of
+      full-scale input never exceeds full scale (5.1: ``L = 0.4142 FL + 0.2929 FC +
+      0.2929 BL``).
+    * To mono (from more than one channel): the mean of that stereo mix (5.1: ``M =
+      0.2071 (FL + FR) + 0.2929 FC + 0.1464 (BL + BR)``); from stereo, the mean of the two.
+    * From mono: to the centre if ``dst`` has one, else to front left and right at full
+      level (as mono to stereo always has), else to the first channel.
+    * Otherwise speakers ``dst`` has are copied, unassigned channels go to unassigned
+      channels in turn, LFE that ``dst`` lacks is dropped, and the rest fold into ``dst``'s
+      front left/right by the stereo gains (into its centre if it has no front pair), all
+      divided by the largest row sum if it is over 1. A channel of ``dst`` with no source
+      is silent: a decoder never invents audio for a speaker.
+    """
+    matrix = np.zeros((len(dst), len(src)), dtype=np.float64)
+    if len(dst) <= 2 and len(src) > len(dst):
+        stereo = np.array([_stereo_gains(bit) for bit in src], dtype=np.float64).T
+        stereo /= max(1.0, float(stereo.sum(axis=1).max()))
+        return _frozen(stereo if len(dst) == 2 else stereo.mean(axis=0, keepdims=True))
+    if len(src) == 1:
+        if FC in dst:
+            matrix[dst.index(FC), 0] = 1.0
+        elif FL in dst and FR in dst:
+            matrix[[dst.index(FL), dst.index(FR)], 0] = 1.0
+        else:
+            matrix[0, 0] = 1.0
+        return _frozen(matrix)
+    spare = [i for i, bit in enumerate(dst) if not bit]  # unassigned outputs, in order
+    for j, bit in enumerate(src):
+        if bit and bit in dst:
+            matrix[dst.index(bit), j] = 1.0
+        elif not bit and spare:
+            matrix[spare.pop(0), j] = 1.0
+        elif bit == LFE:
+            continue
+        elif FL in dst and FR in dst:
+            left, right = _stereo_gains(bit)
+            matrix[dst.index(FL), j] += left
+            matrix[dst.index(FR), j] += right
+        elif FC in dst:
+            matrix[dst.index(FC), j] += sum(_stereo_gains(bit)) / 2
+    matrix /= max(1.0, float(matrix.sum(axis=1).max(initial=0.0)))
+    return _frozen(matrix)
+
+
+def _frozen(matrix: np.ndarray) -> np.ndarray:
+    """float32 and read-only: :func:`mix_matrix` hands the same cached array to every caller."""
+    out = matrix.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def remix(wav: np.ndarray, src: tuple[int, ...], dst: tuple[int, ...]) -> np.ndarray:
+    """``[C, T]`` audio in layout ``src`` as ``dst``'s channels (:func:`mix_matrix`).
+
+    Between one and two channels this is :func:`to_channels` (the mean, or the copy),
+    so mono and stereo convert exactly as they always have.
+    """
+    if len(src) <= 2 and len(dst) <= 2:
+        return to_channels(wav, len(dst))
+    if wav.shape[0] != len(src):
+        raise AudioError(f"audio has {wav.shape[0]} channels, its layout {len(src)}")
+    return np.ascontiguousarray(mix_matrix(src, dst) @ np.asarray(wav, dtype=np.float32))
+
+
+def coded_layout(header: EcdcHeader) -> tuple[int, ...]:
+    """The speakers of the channels a file codes: the input's where every input channel is
+    coded (SEPARATE, two-channel DUAL, MONO, JOINT of as many channels as the model), else
+    the default mono or stereo of the mix that was coded."""
+    coded = header.channels * header.streams
+    if coded == header.original_channels:
+        return channel_layout(coded, header.channel_mask)
+    return channel_layout(coded)
+
+
+def decoded_layout(header: EcdcHeader, channels: int | None = None) -> tuple[int, ...]:
+    """The speakers of the channels a decode writes.
+
+    Without ``channels``: the coded channels, or the original count where it is fewer
+    (mono coded as stereo by a stereo model decodes to mono), never more: channels that
+    were not coded are not invented. The original layout applies where the count is the
+    original's, also when ``channels`` asks for it (5.1 downmixed to mono, decoded with
+    ``--channels 6``, is the mono mix in the centre channel of 5.1); any other
+    ``channels`` gets the default layout of that count.
+    """
+    coded = header.channels * header.streams
+    count = int(channels) if channels else min(header.original_channels, coded)
+    if count == header.original_channels:
+        return channel_layout(count, header.channel_mask)
+    return channel_layout(count)
+
+
+def wav_channel_mask(head: bytes) -> int | None:
+    """The channel mask in the WAVE_FORMAT_EXTENSIBLE ``fmt `` chunk of a RIFF, RIFX or
+    RF64 file starting with ``head``; None for another format, a plain ``fmt `` chunk, or
+    a ``fmt `` chunk not within ``head`` (only ``head`` is parsed: bounded, no allocation
+    from the sizes it claims)."""
+    if not is_wav_head(head):
+        return None
+    endian = ">" if head[:4] == b"RIFX" else "<"
+    pos = 12
+    while pos + 8 <= len(head):
+        cid = head[pos:pos + 4]
+        (size,) = struct.unpack_from(endian + "I", head, pos + 4)
+        body = pos + 8
+        if cid == b"fmt ":
+            return fmt_channel_mask(head[body:body + min(size, 40)], endian)
+        if cid == b"data":
+            return None
+        pos = body + size + (size & 1)
+    return None
+
+
+def fmt_channel_mask(fmt: bytes, endian: str = "<") -> int | None:
+    """The channel mask of a WAV ``fmt `` chunk's body if it is WAVE_FORMAT_EXTENSIBLE
+    (None otherwise, or if too short to hold one)."""
+    if len(fmt) < 24:
+        return None
+    (tag,) = struct.unpack_from(endian + "H", fmt)
+    (extension,) = struct.unpack_from(endian + "H", fmt, 16)  # cbSize: 22 when the mask is there
+    if tag != _WAVE_FORMAT_EXTENSIBLE or extension < 22:
+        return None
+    (mask,) = struct.unpack_from(endian + "I", fmt, 20)
+    return int(mask)
+
+
+def read_channel_mask(source: str | os.PathLike | BinaryIO) -> int | None:
+    """:func:`wav_channel_mask` of a file (a path, or a seekable file object, read from its
+    start as libsndfile reads it, whose position is kept), reading at most its first 64 KiB;
+    None where it cannot be read."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(_WAV_HEAD)
+        else:
+            start = source.tell()
+            source.seek(0)
+            head = source.read(_WAV_HEAD)
+            source.seek(start)
+    except (AttributeError, OSError, ValueError):
+        return None
+    return wav_channel_mask(head) if isinstance(head, bytes) else None
 
 
 # -- internals ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, TextIO
@@ -32,9 +33,21 @@ from .convert import (
     output_clash,
 )
 from .errors import EcdcError
-from .messages import PathError, describe_error, emit, error_line, printable, stdin_note, warning_line
+from .messages import (
+    PathError,
+    describe_error,
+    emit,
+    error_line,
+    output_name,
+    printable,
+    stats_line,
+    stats_text,
+    stdin_note,
+    warning_line,
+)
 from .outputs import make_parents
 from .pool import cpu_count, run_pool
+from .shards import Shard
 from .streams import STDIO
 
 __all__ = [  # with what a batch is planned and run with, importable from here as it always was
@@ -44,7 +57,7 @@ __all__ = [  # with what a batch is planned and run with, importable from here a
 ]
 
 #: Suffixes that make an ``-o`` look like one file (what either command reads or writes).
-_FILE_SUFFIXES = AUDIO_EXTENSIONS | {ECDC_EXTENSION, ".raw"}
+_FILE_SUFFIXES = AUDIO_EXTENSIONS | {ECDC_EXTENSION, ".raw", ".pcm"}
 #: Inputs that are more likely a format name from ffmpeg's ``-f FORMAT`` habit than a file.
 _FORMAT_NAMES = frozenset(suffix[1:] for suffix in _FILE_SUFFIXES) | {"s16le", "pcm"}
 
@@ -117,7 +130,7 @@ def check_batch_output(output: str | None, inputs: Sequence[str]) -> None:
     if output is None:
         return
     if output == STDIO:
-        raise PathError(STDIO, "-o - (stdout) takes a single input file")
+        raise PathError(output_name(STDIO), "-o - (stdout) takes a single input file")
     if os.path.isdir(output):
         return
     if os.path.lexists(_without_slash(output)):
@@ -140,19 +153,23 @@ def _format_name(inputs: Sequence[str]) -> str | None:
 
 
 def plan_batch(kind: str, inputs: Sequence[str], output_dir: str | None, recursive: bool, force: bool,
-               options: Options) -> Plan:
+               options: Options, shard: Shard | None = None) -> Plan:
     """Expand files and directories into jobs; outputs mirror each directory argument's tree.
 
     ``kind`` is the command (``"compress"`` or ``"decompress"``): which files a tree walk
     takes, and how their lengths are estimated; nothing is loaded. Without ``output_dir``
     each output goes beside its input. Existing outputs are skipped unless ``force``; a
-    directory without ``recursive`` and a missing input are errors.
+    directory without ``recursive`` and a missing input are errors. With ``shard`` only its
+    files of the whole batch's order are planned (:mod:`ecdc.shards`); clashes between
+    outputs are still found across all of them.
     """
     direction = CONVERSIONS[kind]
+    position = -1
     suffix = options.suffix
     wanted = direction.extensions
     plan = Plan()
-    claimed: dict[str, str] = {}
+    claimed: dict[str, str] = {}  #: output (absolute) -> the input it is planned (or skipped) for
+    others: Counter[str] = Counter()  #: suffixes of the files tree walks left out
     check_batch_output(output_dir, inputs)
     for arg in inputs:
         if arg == STDIO:
@@ -165,26 +182,51 @@ def plan_batch(kind: str, inputs: Sequence[str], output_dir: str | None, recursi
             if not recursive:
                 plan.errors.append((arg, "is a directory (use -r to convert the files in it)"))
                 continue
-            pairs = [(path, path.relative_to(arg)) for path in _walk(Path(arg), wanted, plan.warnings)]
+            pairs = [(path, path.relative_to(arg)) for path in _walk(Path(arg), wanted, plan.warnings, others)]
         else:
             pairs = [(Path(arg), Path(Path(arg).name))]
         for path, rel in pairs:
+            position += 1
+            mine = shard is None or shard.takes(position)
             base = Path(output_dir) if output_dir is not None else path.parent
             dst = base / rel.with_suffix(suffix) if output_dir is not None else path.with_suffix(suffix)
-            job = Job(str(path), str(dst), direction.estimate_seconds(str(path)), overwrite=force)
+            job = Job(str(path), str(dst), direction.estimate_seconds(str(path)) if mine else 0.0, overwrite=force)
             problem = _plan_problem(job, claimed, force)
+            if problem in (None, "exists"):
+                # An output skipped because it exists is claimed too, so that a second input
+                # with the same output is the same collision on a rerun as on the first run.
+                claimed[os.path.abspath(job.dst)] = job.src
+            if not mine:
+                continue
             if problem == "exists":
                 plan.skipped.append(job)
             elif problem:
                 plan.errors.append((job.src, problem))
             else:
-                claimed[os.path.abspath(job.dst)] = job.src
                 plan.jobs.append(job)
+    if position < 0 and not plan.errors:
+        raise PathError(inputs[0] if len(inputs) == 1 else "", _nothing_found(kind, wanted, others, plan.warnings))
     return plan
 
 
-def _walk(root: Path, wanted: frozenset, skipped: list[tuple[str, str]]) -> Iterator[Path]:
-    """Files under ``root`` with a wanted extension, sorted; hidden files and folders skipped.
+def _nothing_found(kind: str, wanted: frozenset, others: Counter[str], left_out: list) -> str:
+    """What a batch whose tree walks found no file to convert says (one line, exit status 1)."""
+    what = "audio files" if kind == "compress" else f"{ECDC_EXTENSION} files"
+    text = f"no {what} to {kind} found (-r takes {', '.join(sorted(wanted))})"
+    if others:
+        found = ", ".join(f"{n} {suffix or 'without a suffix'}" for suffix, n in others.most_common(3))
+        text += f"; found other files: {found}"
+        if kind == "compress":
+            text += " (convert other audio formats with ffmpeg first, e.g. ffmpeg -i IN.m4a OUT.flac)"
+    if left_out:
+        text += f"; {len(left_out)} left out as not regular files"
+    return text
+
+
+def _walk(root: Path, wanted: frozenset, skipped: list[tuple[str, str]],
+          others: Counter[str] | None = None) -> Iterator[Path]:
+    """Files under ``root`` with a wanted extension, sorted; hidden files and folders skipped
+    (``others`` counts the suffixes of the other files).
 
     The order is ``os.walk``'s (a folder's files, then each subfolder's tree in turn), but
     from a stack of folders, not recursion: a tree of any depth is walked. Symlinked folders
@@ -214,6 +256,8 @@ def _walk(root: Path, wanted: frozenset, skipped: list[tuple[str, str]]) -> Iter
                     skipped.append((str(path), why))
                 else:
                     yield path
+            elif others is not None:
+                others[os.path.splitext(entry.name)[1].lower()] += 1
         folders.extend(reversed(subfolders))
 
 
@@ -262,18 +306,42 @@ def _plan_problem(job: Job, claimed: dict[str, str], force: bool) -> str | None:
 
 @dataclass
 class Summary:
-    """Counts for the one-line report at the end of a batch."""
+    """Counts for the one-line report at the end of a batch, with the totals of what was
+    converted (:func:`~ecdc.messages.stats_text`: audio, speed, bitrate, bytes and ratio)."""
 
     converted: int = 0
     skipped: int = 0
     failed: int = 0
     seconds: float = 0.0  #: audio converted
     wall: float = 0.0
+    kind: str = "compress"  #: the command, which says which side of the bytes is .ecdc
+    bytes_in: int | None = 0  #: of the converted inputs; None once one could not be told
+    bytes_out: int | None = 0  #: of their outputs; likewise
+
+    def add_bytes(self, src: str, dst: str) -> None:
+        """Count one converted file's input and output sizes."""
+        self.bytes_in = _plus(self.bytes_in, _size(src))
+        self.bytes_out = _plus(self.bytes_out, _size(dst))
 
     def line(self) -> str:
         skipped = f"{self.skipped} skipped (output exists; -f overwrites)" if self.skipped else "0 skipped"
-        return printable(f"ecdc: {self.converted} converted, {skipped}, {self.failed} failed; "
-                         f"{self.seconds:.1f} s of audio in {self.wall:.1f} s")
+        compressing = self.kind == "compress"
+        coded = self.bytes_out if compressing else self.bytes_in
+        stats = stats_text(self.seconds, self.wall, coded, self.bytes_in, self.bytes_out, compressing)
+        return printable(f"ecdc: {self.converted} converted, {skipped}, {self.failed} failed; {stats}")
+
+
+def _plus(total: int | None, n: int | None) -> int | None:
+    return None if total is None or n is None else total + n
+
+
+def _size(path: str) -> int | None:
+    """Bytes in the regular file ``path``; None for a FIFO, a device, or what cannot be examined."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 class _Progress:
@@ -363,6 +431,8 @@ def convert_single(conversion: Conversion, src: str, dst: str, quiet: bool = Fal
     ``overwrite`` is ``-f``: without it the output must not exist when it is renamed into place.
     ``make_dirs`` creates the folders above ``dst`` first (``-o DIR/`` names a directory).
     Reading ``-`` from a terminal, it says first that it waits for standard input (unless ``quiet``).
+    Unless ``quiet`` it ends, as opusenc does, with one line of figures on ``stream`` (a
+    terminal or not): duration, speed, bitrate, bytes in and out and their ratio.
     """
     stream = stream or sys.stderr
     if make_dirs:
@@ -371,10 +441,23 @@ def convert_single(conversion: Conversion, src: str, dst: str, quiet: bool = Fal
         emit(stdin_note(conversion.reads), stream)
     seconds = conversion.estimate_seconds(src) if src != STDIO else 0.0
     bar = _Progress(progress_enabled(quiet, stream), seconds, 1, stream)
+    bytes_in = None if src == STDIO else _size(src)
+    conversion.stdio.clear()
+    started = time.monotonic()
     try:
-        return conversion.convert(src, dst, bar.advance, _warn_to(bar, src), overwrite).duration
+        duration = conversion.convert(src, dst, bar.advance, _warn_to(bar, src), overwrite).duration
     finally:
         bar.close()
+    if not quiet and stream is not None:  # with stderr closed, figures nobody asked for are not "lost"
+        wall = time.monotonic() - started
+        if src == STDIO:
+            bytes_in = conversion.stdio["stdin"].count if "stdin" in conversion.stdio else None
+        bytes_out = _size(dst) if dst != STDIO else (
+            conversion.stdio["stdout"].count if "stdout" in conversion.stdio else None)
+        compressing = conversion.kind == "compress"
+        coded = bytes_out if compressing else bytes_in
+        emit(stats_line(src, dst, stats_text(duration, wall, coded, bytes_in, bytes_out, compressing)), stream)
+    return duration
 
 
 def _is_terminal(stream: TextIO | None) -> bool:
@@ -395,7 +478,7 @@ def run_batch(conversion: Conversion, plan: Plan, workers: int = 1, quiet: bool 
     """
     stream = stream or sys.stderr
     started = time.monotonic()
-    summary = Summary(skipped=len(plan.skipped), failed=len(plan.errors))
+    summary = Summary(skipped=len(plan.skipped), failed=len(plan.errors), kind=conversion.kind)
     bar = _Progress(progress_enabled(quiet, stream), sum(j.seconds for j in plan.jobs), len(plan.jobs), stream)
 
     def report(src: str, message: str) -> None:
@@ -410,6 +493,7 @@ def run_batch(conversion: Conversion, plan: Plan, workers: int = 1, quiet: bool 
         if error is None:
             summary.converted += 1
             summary.seconds += seconds or 0.0
+            summary.add_bytes(job.src, job.dst)
         else:
             summary.failed += 1
             report(job.src, error)

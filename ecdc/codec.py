@@ -10,27 +10,28 @@ pipes, atomic outputs) is :mod:`ecdc.convert`'s, one layer up; ``compress_file``
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import os
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 import soxr
 import torch
 
 from . import audio, weights
-from .container import CodeChunk, EcdcHeader, EcdcReader, EcdcWriter, Gap, StereoMode
+from .choices import STEREO_CHOICES
+from .container import CodeChunk, EcdcHeader, EcdcReader, EcdcWriter, EncodedAudio, Gap, StereoMode
+from .container.header import MAX_SEPARATE_STREAMS
+from .dataset import chunks_of, tokens_from
 from .devices import resolve_device
-from .errors import AudioError, FormatError, ModelError
+from .errors import AudioError, EcdcError, FormatError, ModelError
 from .models.encodec import EncodecModel, EncodedSegment
-from .models.streaming import StreamingDecoder, StreamingEncoder
+from .models.streaming import StreamingDecoder, StreamingEncoder, engine_seconds
 from .pipeline import Chunker, LengthFitter, flat, resample_chunk, silence
 from .wavstream import ArraySource, AudioSource
 from .weights import load_weights
 
-STEREO_CHOICES = ("downmix", "dual")
 # Most samples x channels in one block of decoded audio, before and after resampling and
 # channel conversion: a header may ask for 1024 channels at 1 MHz (41.7 times the model's
 # rate), so blocks are sized from the output format, not the input (4 MiB of float32).
@@ -39,49 +40,6 @@ _BLOCK_ELEMENTS = 1 << 20
 # 16 MiB chunk can hold millions of frames, which decoded at once would be gigabytes.
 _PUSH_FRAMES = 1024
 UNKNOWN_FINGERPRINT = bytes(16)
-
-
-@dataclass
-class EncodedAudio:
-    """Everything a .ecdc file holds, in memory."""
-
-    header: EcdcHeader
-    chunks: list[CodeChunk] = field(default_factory=list)
-    num_samples: int = 0
-    #: the input's length at header.original_sample_rate (None: unknown)
-    original_samples: int | None = None
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        self.write(buf)
-        return buf.getvalue()
-
-    def write(self, fileobj: BinaryIO) -> None:
-        writer = EcdcWriter(fileobj, self.header)
-        for chunk in self.chunks:
-            writer.write_chunk(chunk)
-        writer.finish(self.num_samples, self.original_samples)
-
-    @classmethod
-    def read(cls, fileobj: BinaryIO) -> "EncodedAudio":
-        return cls.from_reader(EcdcReader(fileobj))
-
-    @classmethod
-    def from_reader(cls, reader: EcdcReader) -> "EncodedAudio":
-        """All of what ``reader`` holds, read to its end marker (strict: any damage raises)."""
-        chunks = list(reader)
-        total = reader.total_samples
-        if total is None:
-            total = reader.header.num_samples if reader.header.num_samples is not None else 0
-        return cls(reader.header, chunks, int(total), reader.original_samples)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "EncodedAudio":
-        return cls.read(io.BytesIO(data))
-
-    @property
-    def duration(self) -> float:
-        return self.num_samples / self.header.sample_rate
 
 
 ProgressFn = Callable[[float], None]
@@ -160,14 +118,20 @@ class Codec:
         """Encode ``[C, T]`` (or ``[T]``) float audio at any rate and channel count.
 
         ``stereo`` applies to mono models given multi-channel input: ``downmix`` (default)
-        codes the mean, ``dual`` codes the first two channels (after mixing more down to
-        two) separately at twice the bitrate.
+        codes the ITU-R BS.775 mix (:func:`ecdc.audio.mix_matrix`; the mean of stereo),
+        ``separate`` (or ``dual``) codes every channel separately, at that many times the bitrate.
         """
-        source = ArraySource(wav, int(sample_rate))
+        return self.encode_source(ArraySource(wav, int(sample_rate)), bandwidth, stereo)
+
+    def encode_source(self, source: AudioSource, bandwidth: float = 6.0, stereo: str | None = None,
+                      progress: ProgressFn | None = None) -> EncodedAudio:
+        """Encode a block source (a file read block by block) to codes kept in memory: the
+        audio streams through in bounded memory, the codes (about 0.1 % of its size) are
+        kept. The same pipeline as :meth:`compress_stream`, so the same codes."""
         header: EcdcHeader | None = None
         chunks: list[CodeChunk] = []
         totals = _Totals(0, 0)
-        for item in self._encode_events(source, bandwidth, stereo):
+        for item in self._encode_events(source, bandwidth, stereo, progress):
             if isinstance(item, EcdcHeader):
                 header = item
             elif isinstance(item, CodeChunk):
@@ -179,48 +143,94 @@ class Codec:
         header = dataclasses.replace(header, num_samples=totals.num_samples)
         return EncodedAudio(header, chunks, totals.num_samples, totals.original_samples)
 
-    def compress_stream(self, source: AudioSource, out: BinaryIO, bandwidth: float = 6.0,
-                        stereo: str | None = None, progress: ProgressFn | None = None,
-                        keep: list[CodeChunk] | None = None) -> StreamResult:
-        """Encode ``source`` block by block into a .ecdc stream written to ``out``.
+    def encode_codes(self, wav: np.ndarray, sample_rate: int, bandwidth: float = 6.0) -> np.ndarray:
+        """The tokens audio language models train on: int16 ``[codebooks, frames]``, exactly
+        the codes ``ecdc compress`` writes for this audio (a mono model codes the downmix).
+        A model that scales segments (48 kHz) also needs their scales to decode: use
+        :meth:`encode`, or ``ecdc tokenize``, which keeps them."""
+        encoded = self.encode(wav, sample_rate, bandwidth)
+        return tokens_from(encoded.header, encoded.chunks, encoded.num_samples, encoded.original_samples).codes
 
-        The header goes out first (its sample count "unknown"; the end marker carries it)
-        and every chunk is written and flushed as soon as its frames are coded, so ``out``
-        can be a pipe that a reader consumes while the input is still arriving. Each chunk
-        written is also appended to ``keep`` when given (codes are about 0.1 % of the PCM size).
-        """
-        return _write_stream(self._encode_events(source, bandwidth, stereo, progress), out, keep)
+    def decode_codes(self, codes: np.ndarray, scales: list[float] | None = None) -> np.ndarray:
+        """Decode int16 ``[codebooks, frames]`` codes (a language model's output) to float32
+        ``[channels, samples]`` at the model's rate; ``scales`` (one per segment) for models
+        that scale segments, else 1."""
+        codes = np.asarray(codes)
+        if codes.ndim != 2:
+            raise ModelError(f"codes must be [codebooks, frames], not of shape {codes.shape}")
+        bandwidth = next((b for b in self.bandwidths if self.model.num_codebooks(b) == codes.shape[0]), None)
+        if bandwidth is None:
+            raise ModelError(f"{codes.shape[0]} codebooks is no bandwidth of {self.name!r}")
+        header = self.header_for(bandwidth, StereoMode.MONO if self.channels == 1 else StereoMode.JOINT,
+                                 self.sample_rate, self.channels)
+        chunks = chunks_of(header, codes, scales)
+        step = self.model.segment_stride or 0
+        available = (len(chunks) - 1) * step + chunks[-1].num_frames * self.model.hop_length if step and chunks \
+            else codes.shape[-1] * self.model.hop_length
+        encoded = EncodedAudio(dataclasses.replace(header, num_samples=available), chunks, available, available)
+        return self.decode(encoded)[0]
 
-    def _encode_events(self, source: AudioSource, bandwidth: float, stereo: str | None,
-                       progress: ProgressFn | None = None) -> Iterator[EcdcHeader | CodeChunk | _Totals]:
-        """The one encoding pipeline: yields the header, then code chunks, then the totals."""
-        num_codebooks = self.model.num_codebooks(bandwidth)
-        in_rate = int(source.sample_rate)
-        audio.check_sample_rate(in_rate)  # the header can hold no other original rate
-        mode, coded_channels = self._layout(source.channels, stereo)
-        yield EcdcHeader(
+    def header_for(self, bandwidth: float, mode: StereoMode, original_rate: int, original_channels: int,
+                   num_samples: int | None = None, channel_mask: int = 0) -> EcdcHeader:
+        """The header of this model's codes at ``bandwidth`` for input of that rate and channels
+        (``channel_mask``: their speakers, 0 for the default layout of the count)."""
+        return EcdcHeader(
             model_name=self.name,
             weights_fingerprint=self.fingerprint,
             sample_rate=self.sample_rate,
             channels=self.channels,
             stereo_mode=mode,
             bandwidth=float(bandwidth),
-            num_codebooks=num_codebooks,
+            num_codebooks=self.model.num_codebooks(bandwidth),
             bits_per_code=self.model.bits_per_code,
             hop_length=self.model.hop_length,
             segment_length=self.model.segment_length or 0,
             segment_stride=self.model.segment_stride or 0,
             has_scale=bool(self.model.config.normalize),
-            num_samples=None,
-            original_sample_rate=in_rate,
-            original_channels=source.channels,
+            num_samples=num_samples,
+            original_sample_rate=original_rate,
+            original_channels=original_channels,
+            channel_mask=channel_mask,
         )
+
+    def compress_stream(self, source: AudioSource, out: BinaryIO, bandwidth: float = 6.0,
+                        stereo: str | None = None, progress: ProgressFn | None = None,
+                        keep: list[CodeChunk] | None = None,
+                        tags: Mapping[str, str] | None = None, *, latency: float | None = None) -> StreamResult:
+        """Encode ``source`` block by block into a .ecdc stream written to ``out``.
+
+        The header goes out first (its sample count "unknown"; the end marker carries it)
+        and every chunk is written and flushed as soon as its frames are coded, so ``out``
+        can be a pipe that a reader consumes while the input is still arriving. Each chunk
+        written is also appended to ``keep`` when given (codes are about 0.1 % of the PCM size).
+        ``tags`` go into the file's tags chunk, after the header (None: the source's own).
+        ``latency`` (seconds; None: blocks sized for throughput) codes and writes in blocks
+        that short, for a reader waiting on a pipe; the codes are the same.
+        """
+        return _write_stream(self._encode_events(source, bandwidth, stereo, progress, latency), out, keep,
+                             source.tags if tags is None else tags)
+
+    def _encode_events(self, source: AudioSource, bandwidth: float, stereo: str | None,
+                       progress: ProgressFn | None = None,
+                       latency: float | None = None) -> Iterator[EcdcHeader | CodeChunk | _Totals]:
+        """The one encoding pipeline: yields the header, then code chunks, then the totals."""
+        num_codebooks = self.model.num_codebooks(bandwidth)
+        in_rate = int(source.sample_rate)
+        audio.check_sample_rate(in_rate)  # the header can hold no other original rate
+        mode, coded_channels = self._layout(source.channels, stereo)
+        in_layout = audio.channel_layout(source.channels, getattr(source, "channel_mask", None))
+        coded_layout = in_layout if coded_channels == source.channels else audio.channel_layout(coded_channels)
+        # Stored only where it is not the default, so that such files stay version 1.0 files.
+        mask = audio.layout_mask(in_layout)
+        stored_mask = 0 if mask == audio.default_channel_mask(source.channels) else mask
+        yield self.header_for(bandwidth, mode, in_rate, source.channels, channel_mask=stored_mask)
         resampler = None
         if in_rate != self.sample_rate:
             resampler = soxr.ResampleStream(in_rate, self.sample_rate, coded_channels,
                                             dtype="float32", quality="HQ")
         encoder = None
-        chunker = Chunker(max(1, int(np.ceil(self.model.frame_rate))), self.model.segment_length is not None)
+        chunker = Chunker(max(1, int(np.ceil(self.model.frame_rate))), self.model.segment_length is not None,
+                          eager=latency is not None)
         original = total = 0
 
         def feed(coded: np.ndarray) -> Iterator[CodeChunk]:
@@ -228,12 +238,12 @@ class Codec:
             if not coded.shape[-1]:
                 return
             total += coded.shape[-1]
-            # DUAL codes each channel as its own batch item through the mono model.
-            batch = coded[:, None, :] if mode == StereoMode.DUAL else coded[None]
+            # DUAL and SEPARATE code each channel as its own batch item through the mono model.
+            batch = coded[:, None, :] if mode in (StereoMode.DUAL, StereoMode.SEPARATE) else coded[None]
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             with torch.inference_mode():
                 if encoder is None:
-                    encoder = StreamingEncoder(self.model, num_codebooks)
+                    encoder = StreamingEncoder(self.model, num_codebooks, **engine_seconds(latency))
                 segments = encoder.push(x)
             yield from chunker.add(segments)
 
@@ -242,7 +252,7 @@ class Codec:
                 raise AudioError(f"audio block has {block.shape[0]} channels, expected {source.channels}")
             audio.check_finite(block, in_rate, offset=original)
             original += block.shape[-1]
-            coded = block if coded_channels == block.shape[0] else audio.to_channels(block, coded_channels)
+            coded = block if coded_channels == block.shape[0] else audio.remix(block, in_layout, coded_layout)
             if resampler is not None:
                 coded = resample_chunk(resampler, coded, last=False)
             yield from feed(coded)
@@ -261,10 +271,11 @@ class Codec:
 
     def output_format(self, header: EcdcHeader, sample_rate: int | None = None,
                       channels: int | None = None) -> tuple[int, int]:
-        """(rate, channels) a decode gives: the original input's unless overridden."""
+        """(rate, channels) a decode gives: the original rate, and the coded channels (the
+        original count where every original channel was coded: :func:`ecdc.audio.decoded_layout`),
+        unless overridden."""
         rate = int(sample_rate or header.original_sample_rate or header.sample_rate)
-        chans = int(channels or header.original_channels or header.channels)
-        return rate, chans
+        return rate, len(audio.decoded_layout(header, channels))
 
     def decode(self, encoded: EncodedAudio, sample_rate: int | None = None,
                channels: int | None = None) -> tuple[np.ndarray, int]:
@@ -276,8 +287,10 @@ class Codec:
         return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32), rate
 
     def decode_blocks(self, encoded: EcdcReader | EncodedAudio, sample_rate: int | None = None,
-                      channels: int | None = None, progress: ProgressFn | None = None) -> Iterator[np.ndarray]:
-        """Decode chunk by chunk, yielding ``[C, n]`` float32 blocks in :meth:`output_format`.
+                      channels: int | None = None, progress: ProgressFn | None = None, *,
+                      latency: float | None = None) -> Iterator[np.ndarray]:
+        """Decode chunk by chunk, yielding ``[C, n]`` float32 blocks in :meth:`output_format`;
+        ``latency`` (seconds; None: blocks sized for throughput) decodes in blocks that short.
 
         With an :class:`EcdcReader` the file is read as it is decoded (a pipe works): the
         last hop of samples is held back until the end marker gives the exact length, and
@@ -306,15 +319,16 @@ class Codec:
         # Checked now, not at the first block: a caller that asks for the blocks before
         # opening its output refuses a file of other weights before anything is written.
         self.check_compatible(header)
-        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress, salvage)
+        return self._decode_blocks(header, chunks, lengths, sample_rate, channels, progress, salvage, latency)
 
     def _decode_blocks(self, header: EcdcHeader, chunks: Iterator[CodeChunk | Gap],
                        lengths: Callable[[], tuple[int | None, int | None]],
                        sample_rate: int | None, channels: int | None,
                        progress: ProgressFn | None,
-                       salvage: EcdcReader | None = None) -> Iterator[np.ndarray]:
+                       salvage: EcdcReader | None = None, latency: float | None = None) -> Iterator[np.ndarray]:
         out_rate, out_channels = self.output_format(header, sample_rate, channels)
         coded_channels = header.channels * header.streams
+        in_layout, out_layout = audio.coded_layout(header), audio.decoded_layout(header, channels)
         hop = header.hop_length
         resampler = None
         if out_rate != header.sample_rate:
@@ -331,7 +345,7 @@ class Codec:
 
         def out_blocks(wav: np.ndarray) -> Iterator[np.ndarray]:
             for start in range(0, wav.shape[-1], out_block):
-                yield audio.to_channels(wav[:, start:start + out_block], out_channels)
+                yield audio.remix(wav[:, start:start + out_block], in_layout, out_layout)
 
         def stage(wav: np.ndarray) -> Iterator[np.ndarray]:
             """Model-rate audio that is final: resampled, fitted, in the output's channels."""
@@ -382,12 +396,12 @@ class Codec:
                     progress(chunk.num_samples / header.sample_rate)
                 continue
             if decoder is None:
-                decoder = StreamingDecoder(self.model)
+                decoder = StreamingDecoder(self.model, **engine_seconds(latency))
             # A segment is decoded whole (the reader bounds it to one segment's frames); a
-            # run of frames goes in bounded pieces, which the streaming decoder turns into
-            # the same audio.
+            # run of frames goes in bounded pieces (fewer frames the more streams decode
+            # side by side), which the streaming decoder turns into the same audio.
             n_frames = chunk.codes.shape[-1]
-            step = n_frames if header.segmented else _PUSH_FRAMES
+            step = n_frames if header.segmented else max(1, _PUSH_FRAMES // header.streams)
             for first in range(0, n_frames, step):
                 with torch.inference_mode():
                     out = decoder.push(self._segment(chunk.codes[..., first:first + step], chunk.scale))
@@ -463,17 +477,22 @@ class Codec:
         if channels < 1:
             raise AudioError(f"invalid channel count {channels}")
         audio.check_channels(channels)  # any source, before the header that records it
+        separate = stereo in ("dual", "separate")
         if self.channels > 1:
-            if stereo == "dual":
-                raise ModelError(f"--stereo dual is for mono models; {self.name!r} codes "
+            if separate:
+                raise ModelError(f"--stereo {stereo} is for mono models; {self.name!r} codes "
                                  f"{self.channels} channels jointly")
             return StereoMode.JOINT, self.channels
         if channels == 1:
             return StereoMode.MONO, 1
-        if stereo == "dual":
+        if separate:
             if self.model.config.normalize:
-                raise ModelError(f"--stereo dual is not available for {self.name!r} (per-segment scaling)")
-            return StereoMode.DUAL, 2
+                raise ModelError(f"--stereo {stereo} is not available for {self.name!r} (per-segment scaling)")
+            if channels > MAX_SEPARATE_STREAMS:
+                raise AudioError(f"the audio has {channels} channels; --stereo {stereo} codes at most "
+                                 f"{MAX_SEPARATE_STREAMS} (use --stereo downmix)")
+            # Two channels stay DUAL, the mode every reader of format 1.0 knows.
+            return (StereoMode.DUAL if channels == 2 else StereoMode.SEPARATE), channels
         return StereoMode.DOWNMIX, 1
 
     def _segment(self, codes: np.ndarray, scale: float | None) -> EncodedSegment:
@@ -485,14 +504,14 @@ class Codec:
 
 
 def _write_stream(events: Iterator[EcdcHeader | CodeChunk | _Totals], out: BinaryIO,
-                  keep: list[CodeChunk] | None = None) -> StreamResult:
+                  keep: list[CodeChunk] | None = None, tags: Mapping[str, str] | None = None) -> StreamResult:
     """Write the encoder's events as a .ecdc stream, flushing each chunk as it comes."""
     writer: EcdcWriter | None = None
     result: StreamResult | None = None
     flush = getattr(out, "flush", None)
     for item in events:
         if isinstance(item, EcdcHeader):
-            writer = EcdcWriter(out, item)
+            writer = EcdcWriter(out, item, tags)
         else:
             assert writer is not None, "the encoder yields its header first"
             if isinstance(item, CodeChunk):
@@ -562,14 +581,28 @@ def load_model_for(header: EcdcHeader, model: str | None = None, checkpoint: str
     """The codec that decodes a file: the one the caller names, else the one its header names.
 
     ecdc's releases write their versioned name (``ecdc_24khz_v1``), so a file decodes with
-    the release that wrote it, whichever release is the default now.
+    the release that wrote it, whichever release is the default now. A file made with
+    ``--checkpoint`` (a name ecdc does not know, or weights other than those of the name)
+    decodes with a checkpoint of that name in the cache whose weights are the file's
+    (:func:`~ecdc.weights.cached_checkpoints`); without one, the error says to pass the
+    same ``--checkpoint``.
     """
-    if model is None and checkpoint is None:
-        if not weights.is_known(header.model_name):
-            raise ModelError(f"encoded with model {header.model_name!r}, which ecdc does not know by name; "
-                             "pass its weights with --checkpoint PATH")
-        model = header.model_name
-    return load_model(model, device=device, checkpoint=checkpoint, progress=progress)
+    if model is not None or checkpoint is not None:
+        return load_model(model, device=device, checkpoint=checkpoint, progress=progress)
+    name = header.model_name
+    wanted = header.weights_fingerprint if header.weights_fingerprint != UNKNOWN_FINGERPRINT else None
+    if weights.is_known(name) and not weights.holds_other_weights(name, wanted):
+        codec = load_model(name, device=device, progress=progress)
+        if wanted is None or codec.fingerprint == wanted:
+            return codec
+    for path in weights.cached_checkpoints(name):
+        try:
+            found = load_model(None, device=device, checkpoint=str(path))
+        except EcdcError:
+            continue  # not a checkpoint that loads: not this file's
+        if (found.fingerprint == wanted) if wanted is not None else (found.name == name):
+            return found
+    raise ModelError(weights.checkpoint_needed_message(name, wanted))
 
 
 def compress(wav: np.ndarray, sample_rate: int, model: str | Codec | None = None,

@@ -18,20 +18,25 @@ import abc
 import contextlib
 import enum
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, ClassVar, Iterator, Mapping, Protocol
 
 import numpy as np
 
-from .codec import Codec, DownloadFn, EncodedAudio, ProgressFn, StreamResult, load_model, load_model_for
-from .container import CodeChunk, EcdcHeader, EcdcReader
-from .errors import ChecksumError, TruncatedError
-from .messages import PathError
-from .outputs import atomic_output
-from .streams import STDIO
-from .wavstream import WavStreamWriter, open_audio_file, open_audio_stream
+from .audio import decoded_layout, layout_mask
+from .container import TAG_KEYS, CodeChunk, EcdcHeader, EcdcReader, EncodedAudio
+from .errors import AudioError, ChecksumError, TruncatedError
+from .messages import PathError, output_name
+from .outputformats import OUTPUT_FORMATS, OutputFormat, check_output, open_sink, output_format, output_format_for
+from .outputs import atomic_output, stdout_failures
+from .streams import STDIO, CountingStream
+from .wavstream import RawInput, open_audio_file, open_audio_stream
+
+if TYPE_CHECKING:  # the codec (torch) is imported where a model is loaded, not here: `ecdc info` needs none
+    from .codec import Codec, DownloadFn, ProgressFn, StreamResult
 
 #: Extensions ``-r`` picks up for compression (what libsndfile commonly reads).
 AUDIO_EXTENSIONS = frozenset({
@@ -53,10 +58,27 @@ class CompressOptions:
 
     bandwidth: float = 6.0
     stereo: str | None = None
+    #: Tags set on the command line (``--title`` ...), over the input's; an empty value drops that tag.
+    tags: tuple[tuple[str, str], ...] = ()
+    #: Carry the input's own tags (``--no-tags``: only those set on the command line).
+    keep_tags: bool = True
+    raw: RawInput | None = None  #: the inputs are headerless PCM of this layout (``--raw``)
+    #: ``--latency`` in seconds; None: :data:`STREAM_LATENCY` to a pipe, blocks sized for throughput to a file
+    latency: float | None = None
 
     @property
     def suffix(self) -> str:
         return ECDC_EXTENSION
+
+    def tags_for(self, source_tags: Mapping[str, str]) -> dict[str, str]:
+        """The tags a file compressed from an input with ``source_tags`` gets, in ecdc's order."""
+        tags = dict(source_tags) if self.keep_tags else {}
+        for key, value in self.tags:
+            if value:
+                tags[key] = value
+            else:
+                tags.pop(key, None)
+        return {key: tags[key] for key in TAG_KEYS if key in tags}
 
 
 @dataclass(frozen=True)
@@ -69,10 +91,25 @@ class DecompressOptions:
     salvage: bool = False  #: decode the intact parts of a damaged file, silence for the rest
     #: seconds of silence salvage may fill in, in all; None: in proportion to the file's size
     max_silence: float | None = None
+    format: str | None = None  #: ``--format`` (a name in OUTPUT_FORMATS); None: from each output's suffix
+    bits: str | None = None  #: ``--bits``: ``"16"``, ``"24"`` or ``"32f"``; None: 16 (lossy formats: none)
+    #: ``--latency`` in seconds; None: :data:`STREAM_LATENCY` to a pipe, blocks sized for throughput to a file
+    latency: float | None = None
 
     @property
     def suffix(self) -> str:
+        if self.format is not None:
+            return output_format(self.format).suffix
         return ".raw" if self.raw else ".wav"
+
+    def output_format(self, dst: str | Path) -> OutputFormat:
+        """What is written to ``dst``: ``--format``, else ``--raw``, else the format its
+        suffix names (WAV for stdout and names without one); an unwritable one is refused."""
+        if self.format is not None:
+            return output_format(self.format)
+        if self.raw:
+            return OUTPUT_FORMATS["raw"]
+        return output_format_for(str(dst))
 
 
 Options = CompressOptions | DecompressOptions
@@ -121,6 +158,8 @@ class CodecCache:
     def default(self) -> Codec:
         """The codec the user named or gave (compression always has one)."""
         if None not in self._codecs:
+            from .codec import load_model
+
             c = self.choice
             self._codecs[None] = self._loaded(load_model(c.model, device=c.device, checkpoint=c.checkpoint,
                                                          progress=self.progress))
@@ -132,6 +171,8 @@ class CodecCache:
             return self.default()
         name = header.model_name
         if name not in self._codecs:
+            from .codec import load_model_for
+
             c = self.choice
             self._codecs[name] = self._loaded(load_model_for(header, None, None, c.device, progress=self.progress))
         return self._codecs[name]
@@ -228,6 +269,8 @@ class Conversion(abc.ABC):
     def __init__(self, codecs: CodecCache, options: Options):
         self.codecs = codecs
         self.options = options
+        #: the standard streams the last conversion used ("stdin", "stdout"), counting bytes for the stats
+        self.stdio: dict[str, CountingStream] = {}
 
     @property
     def suffix(self) -> str:
@@ -241,7 +284,8 @@ class Conversion(abc.ABC):
         if dst == STDIO:
             require_stream(sys.stdout, "output")
             if sys.stdout.isatty():
-                raise PathError(dst, "refusing to write binary data to a terminal; redirect it or pass -o FILE")
+                raise PathError(output_name(dst),
+                                "refusing to write binary data to a terminal; redirect it or pass -o FILE")
             return
         clash = output_clash(src, dst, force)
         if clash is not None:
@@ -283,9 +327,13 @@ class Compression(Conversion):
                 warn: WarnFn | None = None, overwrite: bool = False,
                 keep: list[CodeChunk] | None = None) -> StreamResult:
         codec = self.codecs.default()
-        source = open_audio_stream(sys.stdin.buffer) if src == STDIO else open_audio_file(str(src))
-        with source, _open_output(dst, overwrite) as out:
-            return codec.compress_stream(source, out, self.options.bandwidth, self.options.stereo, progress, keep)
+        raw = self.options.raw
+        source = (open_audio_stream(_stdin(self.stdio), raw=raw) if src == STDIO
+                  else open_audio_file(str(src), raw=raw))
+        with source, _open_output(dst, overwrite, self.stdio) as out:
+            return codec.compress_stream(source, out, self.options.bandwidth, self.options.stereo, progress, keep,
+                                         self.options.tags_for(source.tags),
+                                         latency=stream_latency(self.options.latency, _stdin_or(src), out))
 
     @staticmethod
     def estimate_seconds(path: str) -> float:
@@ -299,7 +347,8 @@ class Compression(Conversion):
 
 
 class Decompression(Conversion):
-    """.ecdc (ecdc's or Meta's, a pipe too) to 16-bit WAV or raw PCM.
+    """.ecdc (ecdc's or Meta's, a pipe too) to WAV, raw PCM, or another format libsndfile
+    writes (:data:`~ecdc.outputformats.OUTPUT_FORMATS`), as ``--format`` or the output's suffix says.
 
     With ``options.salvage`` a damaged file is decoded around its damage and ``warn`` gets
     one line per problem; without it, ``salvage_hint`` adds to a checksum or truncation
@@ -316,9 +365,26 @@ class Decompression(Conversion):
         super().__init__(codecs, options)
         self.salvage_hint = salvage_hint
 
+    def check(self, src: str, dst: str, force: bool) -> None:
+        """Also refuses an output format that cannot be written (``-o out.m4a``, ``--bits 32f``
+        to FLAC, a ``--rate`` Opus does not take), naming the output, before any model loads."""
+        super().check(src, dst, force)
+        try:
+            self._check_format(self.options.output_format(dst))
+        except AudioError as exc:
+            raise PathError(dst, str(exc)) from None
+
+    def _check_format(self, fmt: OutputFormat) -> None:
+        fmt.subtype(self.options.bits)
+        if self.options.sample_rate is not None:
+            fmt.check_rate(self.options.sample_rate)
+
     def preload(self, batch: bool) -> None:
         """Only a named model, and only for a batch: a single file's header is read first,
-        so that one that is not .ecdc is refused before any model is loaded."""
+        so that one that is not .ecdc is refused before any model is loaded. A batch's
+        output format (all its outputs have one) is checked first of all."""
+        if batch:
+            self._check_format(self.options.output_format("out" + self.suffix))
         if batch and self.codecs.choice.named:
             self.codecs.default()
 
@@ -327,14 +393,23 @@ class Decompression(Conversion):
                 keep: list[np.ndarray] | None = None) -> Decoded:
         """Samples are written as they are decoded (so ``-o -`` flows before the input ends)."""
         o = self.options
-        with _open_input(src) as f:
+        with _open_input(src, self.stdio) as f:
             reader = EcdcReader(f, salvage=o.salvage, max_silence=o.max_silence)
             codec = self.codecs.for_header(reader.header)
-            blocks = codec.decode_blocks(reader, o.sample_rate, o.channels, progress)  # checks the codec
-            rate, channels = codec.output_format(reader.header, o.sample_rate, o.channels)
+            fmt = o.output_format(dst)
+            subtype = fmt.subtype(o.bits)
+            sample_rate = o.sample_rate  # without --rate, the original's, or the nearest the format takes
+            if sample_rate is None:
+                sample_rate = fmt.nearest_rate(codec.output_format(reader.header, None, o.channels)[0])
+            latency = stream_latency(o.latency, f, sys.stdout if dst == STDIO else None)
+            blocks = codec.decode_blocks(reader, sample_rate, o.channels, progress,  # checks the codec
+                                         latency=latency)
+            rate, channels = codec.output_format(reader.header, sample_rate, o.channels)
+            check_output(fmt, subtype, rate, channels)  # before the output exists
             try:
-                with _open_output(dst, overwrite) as out:
-                    frames = _write_audio(blocks, out, rate, channels, o.raw, keep)
+                with _open_output(dst, overwrite, self.stdio) as out:
+                    mask = layout_mask(decoded_layout(reader.header, o.channels))
+                    frames = _write_audio(blocks, out, fmt, subtype, rate, channels, keep, reader.tags, mask)
             except (ChecksumError, TruncatedError) as exc:
                 if not self.salvage_hint:
                     raise
@@ -367,11 +442,44 @@ class Decompression(Conversion):
 #: The conversion of each command, by name.
 CONVERSIONS: dict[str, type[Conversion]] = {c.kind: c for c in (Compression, Decompression)}
 
+#: Seconds of audio per block when none is asked for and both the input and the output are
+#: streams (a pipe, socket or terminal: live audio with someone reading as it is written):
+#: compressed codes or decoded audio then start about a second after the input does
+#: (bench/latency.py), at about half to two thirds of the throughput of the long blocks.
+#: A file on either side is converted for throughput: nothing is gained by sending the
+#: output early when the whole input is already there, or when nobody reads it as it comes.
+STREAM_LATENCY = 0.5
 
-def _write_audio(blocks: Iterator[np.ndarray], out: BinaryIO, rate: int, channels: int, raw: bool,
-                 keep: list[np.ndarray] | None) -> int:
-    """Write decoded blocks as WAV (or raw), each flushed at once (a pipe's reader hears it)."""
-    sink = WavStreamWriter(out, rate, channels, raw=raw)
+
+def _is_stream(where: Any) -> bool:
+    """Whether ``where`` (a file object, a path, or None: a regular file written by path)
+    is a stream rather than a regular file; in-memory objects count as files."""
+    if where is None:
+        return False
+    try:
+        mode = os.stat(where).st_mode if isinstance(where, (str, Path)) else os.fstat(where.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):  # no descriptor (in memory), or gone
+        return False
+    return not stat.S_ISREG(mode)
+
+
+def stream_latency(latency: float | None, source: Any, out: Any) -> float | None:
+    """The ``latency`` a conversion from ``source`` to ``out`` runs at (each a file object
+    or path; None: a regular file): the one asked for; else :data:`STREAM_LATENCY` where
+    both are streams, else None (throughput)."""
+    if latency is not None:
+        return latency
+    return STREAM_LATENCY if _is_stream(source) and _is_stream(out) else None
+
+
+def _write_audio(blocks: Iterator[np.ndarray], out: BinaryIO, fmt: OutputFormat, subtype: str, rate: int,
+                 channels: int, keep: list[np.ndarray] | None, tags: Mapping[str, str] | None = None,
+                 channel_mask: int = 0) -> int:
+    """Write decoded blocks in ``fmt``, each flushed at once (WAV and raw: a pipe's reader
+    hears it; other formats to a pipe are spooled, :class:`~ecdc.outputformats.SoundFileSink`);
+    ``tags`` (the .ecdc file's) go where the output format holds them, ``channel_mask`` (the
+    channels' speakers) into a WAV header."""
+    sink = open_sink(out, fmt, subtype, rate, channels, tags, channel_mask)
     out.flush()
     for block in blocks:
         sink.write(block)
@@ -382,19 +490,38 @@ def _write_audio(blocks: Iterator[np.ndarray], out: BinaryIO, rate: int, channel
     return sink.frames_written
 
 
+def _stdin(counted: dict[str, CountingStream] | None = None) -> BinaryIO:
+    """Standard input; counted (as ``counted["stdin"]``) when ``counted`` is given."""
+    if counted is None:
+        return sys.stdin.buffer
+    stream = counted["stdin"] = CountingStream(sys.stdin.buffer)
+    return stream  # type: ignore[return-value]  # a BinaryIO in all but name
+
+
+def _stdin_or(src: str | Path) -> Any:
+    """Standard input for ``-``, else the path: what :func:`stream_latency` looks at."""
+    return sys.stdin if src == STDIO else src
+
+
 @contextlib.contextmanager
-def _open_input(src: str | Path) -> Iterator[BinaryIO]:
+def _open_input(src: str | Path, counted: dict[str, CountingStream] | None = None) -> Iterator[BinaryIO]:
     if src == STDIO:
-        yield sys.stdin.buffer
+        yield _stdin(counted)
         return
     with open(src, "rb") as f:
         yield f
 
 
 @contextlib.contextmanager
-def _open_output(dst: str | Path, overwrite: bool) -> Iterator[BinaryIO]:
+def _open_output(dst: str | Path, overwrite: bool,
+                 counted: dict[str, CountingStream] | None = None) -> Iterator[BinaryIO]:
     if dst == STDIO:
-        yield sys.stdout.buffer
+        with stdout_failures():
+            if counted is None:
+                yield sys.stdout.buffer
+            else:
+                stream = counted["stdout"] = CountingStream(sys.stdout.buffer)
+                yield stream  # type: ignore[misc]  # a BinaryIO in all but name
         return
     with atomic_output(dst, overwrite) as out:
         yield out
@@ -421,8 +548,10 @@ def compress_file(src: str | Path, dst: str | Path, model: str | Codec | None = 
 def decompress_file(src: str | Path, dst: str | Path, model: str | Codec | None = None,
                     sample_rate: int | None = None, channels: int | None = None,
                     overwrite: bool = True) -> tuple[np.ndarray, int]:
-    """Decompress a .ecdc file to a 16-bit wav (streamed, written by :func:`~ecdc.outputs.atomic_output`);
-    returns the audio too. Without ``model`` the model the file's header names is loaded.
+    """Decompress a .ecdc file to 16-bit audio in the format ``dst``'s suffix names (wav without
+    one; :func:`~ecdc.outputformats.output_format_for`), streamed and written by
+    :func:`~ecdc.outputs.atomic_output`; returns the audio too. Without ``model`` the model the
+    file's header names is loaded.
     ``overwrite`` as for :func:`compress_file`."""
     codecs = _codecs_for(model)
     blocks: list[np.ndarray] = []
@@ -435,6 +564,8 @@ def decompress_file(src: str | Path, dst: str | Path, model: str | Codec | None 
 
 def _codecs_for(model: str | Codec | None) -> CodecCache:
     """The API's ``model``: a loaded Codec to use as it is, or a name (None: the file's or the default)."""
+    from .codec import Codec
+
     return CodecCache(preloaded=model) if isinstance(model, Codec) else CodecCache(ModelChoice(model))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shlex
 import sys
 from typing import Callable, TextIO, TypeVar
 
@@ -30,6 +31,8 @@ T = TypeVar("T")
 class PathError(EcdcError):
     """A one-line failure tied to a file: printed as ``ecdc: error: FILE: message``
     (``where`` empty: ``ecdc: error: message``)."""
+
+    where: str  #: never None here: the file at fault ("" for none)
 
     def __init__(self, where: str, message: str):
         super().__init__(message)
@@ -66,6 +69,12 @@ def message_line(level: str, where: str, message: str) -> str:
     return printable(f"ecdc: {level}: {shown}: {message}" if shown else f"ecdc: {level}: {message}")
 
 
+def output_name(dst: str) -> str:
+    """How a line names the output ``dst``: ``-`` there is standard output (``<stdout>``),
+    which :func:`message_line` would show as ``<stdin>``."""
+    return "<stdout>" if dst == STDIO else dst
+
+
 def error_line(where: str, message: str) -> str:
     return message_line("error", where, message)
 
@@ -78,6 +87,47 @@ def stdin_note(what: str) -> str:
     """The line shown before reading ``what`` from a terminal, so that a forgotten ``<``
     or pipe does not look like a hang."""
     return f"ecdc: reading {what} from standard input (Ctrl-D ends it)"
+
+
+def stats_text(seconds: float, wall: float, coded_bytes: int | None, bytes_in: int | None,
+               bytes_out: int | None, compressing: bool) -> str:
+    """End-of-run figures, as opusenc prints them but on one line that is easy to grep:
+    ``3.20 s of audio in 0.08 s (41.7x real time), 6.15 kbps, 204844 -> 2460 bytes (ratio 83.3:1)``.
+
+    ``coded_bytes`` is the .ecdc side (its bitrate is shown); the ratio is always audio
+    bytes to .ecdc bytes (``83.3:1`` compressing, ``1:83.3`` decompressing). A byte count
+    that cannot be known (an output that is a device) is ``?``, and what needs it is left out.
+    """
+    text = f"{seconds:.2f} s of audio in {wall:.2f} s"
+    if seconds > 0 and wall > 0:
+        text += f" ({seconds / wall:.1f}x real time)"
+    if seconds > 0 and coded_bytes is not None:
+        text += f", {coded_bytes * 8 / seconds / 1000:.2f} kbps"
+    shown = ["?" if n is None else str(n) for n in (bytes_in, bytes_out)]
+    text += f", {shown[0]} -> {shown[1]} bytes"
+    if bytes_in and bytes_out:
+        pcm, coded = (bytes_in, bytes_out) if compressing else (bytes_out, bytes_in)
+        ratio = f"{pcm / coded:.1f}:1" if compressing else f"1:{pcm / coded:.1f}"
+        text += f" (ratio {ratio})"
+    return text
+
+
+def stats_line(src: str, dst: str, stats: str) -> str:
+    """The line a single conversion ends with (unless ``-q``): ``ecdc: IN -> OUT: figures``."""
+    shown_src = "<stdin>" if src == STDIO else src
+    return printable(f"ecdc: {shown_src} -> {output_name(dst)}: {stats}")
+
+
+def unreadable_format_text(format_name: str, path: str | None) -> str:
+    """What is said of an input in a format ecdc's audio reader (libsndfile) cannot decode:
+    the format, and the ffmpeg pipe that converts it on the way (with ``path`` and an
+    output beside it filled in when the input is a file, shell-quoted)."""
+    if path:
+        src, dst = shlex.quote(path), shlex.quote(os.path.splitext(os.path.basename(path))[0] + ".ecdc")
+    else:
+        src, dst = "INPUT", "OUTPUT.ecdc"
+    return (f"cannot read audio: this is {format_name}, which libsndfile (ecdc's audio reader) cannot "
+            f"decode; convert it on the way: ffmpeg -i {src} -f wav - | ecdc compress - -o {dst}")
 
 
 def command_error_line(exc: EcdcError | MemoryError | OSError, where: str) -> str:
@@ -127,9 +177,12 @@ def describe_error(exc: BaseException) -> str:
 def _command_error(exc: EcdcError | MemoryError | OSError, where: str) -> tuple[str, str]:
     """(file, message) of the line a command's failure is shown as: a :class:`PathError` at
     its own file, an OSError at the file it names (so the message does not repeat it), the
-    rest at ``where``, the command's input."""
+    rest at ``where``, the command's input, unless they say what they are about
+    (:attr:`~ecdc.errors.EcdcError.where`: a checkpoint, or nothing the user named)."""
     if isinstance(exc, PathError):
         return exc.where, str(exc)
+    if isinstance(exc, EcdcError) and exc.where is not None:
+        return exc.where, exc.reason  # about another file (a checkpoint), or about none ("")
     if isinstance(exc, OSError):
         return getattr(exc, "filename", None) or where, _os_error_text(exc)
     return where, describe_error(exc)

@@ -1,4 +1,5 @@
-"""Audio that streams: block sources for compression and a WAV writer for decompression.
+"""Audio that streams: block sources for compression and a WAV writer for decompression
+(the other output formats, and which one an output gets, are :mod:`ecdc.outputformats`).
 
 Compression reads its input a block at a time so memory does not grow with the input:
 files through ``soundfile.SoundFile.blocks`` (any format libsndfile reads, seekable),
@@ -8,9 +9,13 @@ samples as they arrive. Only WAV streams incrementally from a pipe; anything els
 stdin (flac, ogg, ...) is read whole into memory and decoded from there, because
 libsndfile needs to seek in those formats.
 
-Decompression writes through :class:`WavStreamWriter`: 16-bit WAV (or raw s16le) whose
-header goes out first with the sizes marked unknown, so a reader downstream can start at
-once; on a seekable output the sizes are patched in at the end (as RF64 past 4 GiB).
+Headerless PCM (``compress --raw``) streams through :class:`RawPcmSource`, files and
+pipes alike, with the WAV reader's sample conversion.
+
+Decompression writes WAV and raw through :class:`WavStreamWriter`: 16 or 24-bit or float
+samples, a header that goes out first with the sizes marked unknown, so a reader
+downstream can start at once; on a seekable output the sizes are patched in at the end
+(as RF64 past 4 GiB).
 
 Audio is ``[channels, samples]`` float32 throughout, as in :mod:`ecdc.audio`. Integer
 samples are converted exactly as libsndfile converts them, so a WAV streamed through a
@@ -19,15 +24,17 @@ pipe gives the same codes as the same file read from disk.
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 import soundfile
 
-from . import audio
+from . import audio, audiotags
 from .errors import AudioError
 from .messages import first_line
 from .streams import write_all
@@ -35,6 +42,9 @@ from .streams import write_all
 __all__ = [
     "AudioSource",
     "ArraySource",
+    "RAW_INPUT_FORMATS",
+    "RawInput",
+    "RawPcmSource",
     "SoundFileSource",
     "WavStreamReader",
     "WavStreamWriter",
@@ -73,6 +83,11 @@ class AudioSource:
     sample_rate: int
     channels: int
     frames: int | None = None
+    #: The input's tags (title, artist, ...; cleaned by :mod:`ecdc.audiotags`); never mutated.
+    tags: Mapping[str, str] = {}
+    #: The WAV channel mask (WAVE_FORMAT_EXTENSIBLE) when the input has one, else None: the
+    #: default layout for the channel count (:func:`ecdc.audio.channel_layout`).
+    channel_mask: int | None = None
     _owned: BinaryIO | None = None  # a file this source opened and must close
 
     def blocks(self) -> Iterator[np.ndarray]:
@@ -114,6 +129,10 @@ class ArraySource(AudioSource):
             yield self.wav[:, start:start + self._block]
 
 
+#: How libsndfile (and soundfile, for a name ending .raw) say that a file has no header they know.
+_NOT_RECOGNISED = ("Format not recognised", "samplerate must be specified", "channels must be specified")
+
+
 class SoundFileSource(AudioSource):
     """A file (or seekable file object) read block by block through libsndfile."""
 
@@ -121,8 +140,11 @@ class SoundFileSource(AudioSource):
         try:
             self._sf = soundfile.SoundFile(source)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-            # libsndfile's reason, without a preamble naming the file object.
-            raise AudioError(f"cannot read audio: {audio._soundfile_reason(exc)}") from None
+            # libsndfile's reason, without a preamble naming the file object (or the format, if known).
+            reason = audio._soundfile_reason(exc)
+            if reason.startswith(_NOT_RECOGNISED):  # no header: perhaps headerless PCM
+                reason += audio.RAW_HINT
+            raise audio.unreadable_error(source, reason) from None
         except OSError as exc:
             raise audio.input_error(exc) from None
         try:
@@ -135,6 +157,10 @@ class SoundFileSource(AudioSource):
         # libsndfile reports an unknown length as a huge number.
         self.frames = int(frames) if 0 <= frames < 2**62 else None
         self._block = max(1, int(block_frames))
+        self._source = source  # to name its format if reading fails
+        self.tags = audiotags.read_soundfile_tags(self._sf)
+        if self._sf.format in ("WAV", "WAVEX", "RF64"):
+            self.channel_mask = audio.read_channel_mask(source)
 
     def blocks(self) -> Iterator[np.ndarray]:
         # read() in a loop rather than SoundFile.blocks(): blocks() refuses files libsndfile
@@ -146,7 +172,8 @@ class SoundFileSource(AudioSource):
                     return
                 yield np.ascontiguousarray(block.T)
         except (soundfile.LibsndfileError, RuntimeError) as exc:
-            raise AudioError(f"cannot read audio: {first_line(exc)}") from None
+            # e.g. a FLAC of unknown length from a pipe, which opens but cannot be read
+            raise audio.unreadable_error(self._source, first_line(exc)) from None
 
     def close(self) -> None:
         self._sf.close()
@@ -254,6 +281,10 @@ class WavStreamReader(AudioSource):
                 continue
             if size == _UNKNOWN_32 or size > _MAX_SKIP:
                 raise AudioError(f"corrupt WAV stream: chunk {cid!r} before 'data' claims {size} bytes")
+            if cid == b"LIST" and size <= audiotags.MAX_WAV_LIST and not self.tags:
+                self.tags = audiotags.parse_wav_info(self._read_exactly(size, "LIST chunk"))
+                self._skip(size & 1, "chunk padding")
+                continue
             self._skip(size + (size & 1), f"{cid!r} chunk")
         if fmt is None:
             raise AudioError("corrupt WAV stream: 'data' comes before any 'fmt ' chunk")
@@ -287,6 +318,7 @@ class WavStreamReader(AudioSource):
             raise _UnsupportedWav(f"WAV stream block alignment {block_align} does not match "
                                   f"{channels} channels of {bits} bits")
         self._kind = kind
+        self.channel_mask = audio.fmt_channel_mask(fmt, self._endian)
         self.channels = audio.check_channels(channels)
         self.sample_rate = audio.check_sample_rate(rate)
         self.bits = bits
@@ -348,8 +380,9 @@ class WavStreamReader(AudioSource):
         return np.ascontiguousarray(out.reshape(-1, c).T)
 
 
-def open_audio_file(path: str, block_frames: int = BLOCK_FRAMES) -> AudioSource:
-    """A file on disk, read block by block (any format libsndfile reads).
+def open_audio_file(path: str, block_frames: int = BLOCK_FRAMES, raw: RawInput | None = None) -> AudioSource:
+    """A file on disk, read block by block (any format libsndfile reads, or headerless PCM
+    as ``raw`` describes it).
 
     Refused up front like :func:`ecdc.audio.read_audio` refuses it (missing, a directory,
     empty); a named pipe or device is read like stdin (:func:`open_audio_stream`). A file
@@ -357,6 +390,8 @@ def open_audio_file(path: str, block_frames: int = BLOCK_FRAMES) -> AudioSource:
     handed over as a file object (:func:`ecdc.audio.libsndfile_takes_name`).
     """
     st = audio.check_input_path(path)
+    if raw is not None:
+        return _raw_file(path, raw, st, block_frames)
     if stat.S_ISREG(st.st_mode) and audio.libsndfile_takes_name(path):
         return SoundFileSource(path, block_frames)
     try:
@@ -375,13 +410,17 @@ def open_audio_file(path: str, block_frames: int = BLOCK_FRAMES) -> AudioSource:
     return source
 
 
-def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> AudioSource:
-    """Audio from a stream such as stdin: WAV incrementally, anything else read whole.
+def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES,
+                      raw: RawInput | None = None) -> AudioSource:
+    """Audio from a stream such as stdin: WAV (and headerless PCM, with ``raw``)
+    incrementally, anything else read whole.
 
     libsndfile must seek to decode most formats, so a non-WAV stream (or a WAV encoding
     this reader does not decode, e.g. ADPCM) is read into memory first and decoded there:
     sniffed, and only up to :data:`ecdc.audio.MAX_BUFFERED_INPUT` (:func:`ecdc.audio.buffer_stream`).
     """
+    if raw is not None:
+        return RawPcmSource(stream, raw, block_frames=block_frames)
     head = audio.read_upto(stream, 12)
     if not head:
         raise AudioError("empty input")
@@ -393,15 +432,79 @@ def open_audio_stream(stream: BinaryIO, block_frames: int = BLOCK_FRAMES) -> Aud
     return _whole_stream(stream, head, block_frames)
 
 
+def _raw_file(path: str, raw: RawInput, st: os.stat_result, block_frames: int) -> AudioSource:
+    """A file (or FIFO) of headerless PCM; its length in frames is known when it is a regular file."""
+    try:
+        f = open(path, "rb")  # a FIFO waits here for a writer, as cat does
+    except OSError as exc:
+        raise audio.input_error(exc) from None
+    try:
+        source = RawPcmSource(f, raw, st.st_size if stat.S_ISREG(st.st_mode) else None, block_frames)
+    except BaseException:
+        f.close()
+        raise
+    source._owned = f
+    return source
+
+
 def _whole_stream(stream: BinaryIO, head: bytes, block_frames: int) -> AudioSource:
     return SoundFileSource(audio.buffer_stream(stream, head), block_frames)
+
+
+# --------------------------------------------------------------------------- reading raw PCM
+
+#: ``--raw-format`` names (as ffmpeg's ``-f``), and how their samples are stored.
+RAW_INPUT_FORMATS = {"s16le": "i2", "s24le": "i3", "f32le": "f4"}
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """Headerless PCM input, described as opusenc's ``--raw`` options describe it (and with
+    its defaults: 48 kHz, stereo, 16-bit little-endian)."""
+
+    sample_rate: int = 48000
+    channels: int = 2
+    format: str = "s16le"  #: one of :data:`RAW_INPUT_FORMATS`
+
+
+class RawPcmSource(WavStreamReader):
+    """Headerless little-endian PCM from a file or a stream, as it arrives.
+
+    A :class:`WavStreamReader` whose header is ``raw`` rather than parsed: the same
+    incremental reads and the same sample conversion, so raw samples give exactly the
+    codes the same samples in a WAV file give. A trailing partial frame is dropped.
+    ``size`` is the input's length in bytes, when known (a regular file).
+    """
+
+    def __init__(self, fileobj: BinaryIO, raw: RawInput, size: int | None = None,
+                 block_frames: int = BLOCK_FRAMES):
+        kind = RAW_INPUT_FORMATS.get(raw.format)
+        if kind is None:
+            raise AudioError(f"unknown raw format {raw.format!r}; use {', '.join(RAW_INPUT_FORMATS)}")
+        if raw.channels < 1:
+            raise AudioError(f"invalid raw channel count {raw.channels}")
+        self._f = fileobj
+        self._pending = bytearray()
+        self._consumed = bytearray()
+        self._recording = False
+        self._block = max(1, int(block_frames))
+        self._endian = "<"
+        self._kind = kind
+        self.channels = audio.check_channels(raw.channels)
+        self.sample_rate = audio.check_sample_rate(raw.sample_rate)
+        self.bits = 24 if kind == "i3" else 8 * int(kind[1])
+        self._frame_bytes = self.channels * self.bits // 8
+        self.subtype = {"i2": "PCM_16", "i3": "PCM_24", "f4": "FLOAT"}[kind]
+        self._remaining = None
+        self.frames = None if size is None else size // self._frame_bytes
 
 
 # --------------------------------------------------------------------------- writing WAV streams
 
 
 class WavStreamWriter:
-    """Writes 16-bit PCM as WAV (or raw s16le with ``raw=True``) block by block.
+    """Writes PCM as WAV (or headerless with ``raw=True``) block by block: 16 or 24-bit
+    integers or 32-bit float (``subtype`` ``PCM_16``, ``PCM_24``, ``FLOAT``), little-endian.
 
     The header goes out first with RIFF and data sizes of 0xFFFFFFFF ("unknown", which
     sox and ffmpeg accept on a pipe); :meth:`close` patches the real sizes in when the
@@ -411,17 +514,23 @@ class WavStreamWriter:
     into a ``ds64`` chunk and the header into RF64, since 32-bit sizes cannot hold the
     length and 0xFFFFFFFF would be misread as a 4 GiB file. On a pipe there is nothing
     to reserve: the sizes stay 0xFFFFFFFF (the convention for "unknown" there, read to
-    the end of the stream). Samples are clipped so peaks saturate, and converted exactly
-    as libsndfile converts float to PCM_16.
+    the end of the stream). Integer samples are clipped so peaks saturate, and converted
+    exactly as libsndfile converts float to PCM; float samples are written as they are
+    (NaN as 0), as opusdec's ``--float`` does.
     """
 
-    def __init__(self, fileobj: BinaryIO, sample_rate: int, channels: int, raw: bool = False):
+    def __init__(self, fileobj: BinaryIO, sample_rate: int, channels: int, raw: bool = False,
+                 subtype: str = "PCM_16", tags: Mapping[str, str] | None = None, channel_mask: int = 0):
         if channels < 1 or sample_rate < 1:
             raise AudioError(f"invalid output format: {channels} channels at {sample_rate} Hz")
+        if subtype not in _STREAM_SUBTYPES:
+            raise ValueError(f"WavStreamWriter writes {', '.join(_STREAM_SUBTYPES)}, not {subtype}")
         self._f = fileobj
         self.sample_rate = int(sample_rate)
         self.channels = int(channels)
         self.raw = raw
+        self.subtype = subtype
+        self._sample_bytes = _STREAM_SUBTYPES[subtype]
         self.frames_written = 0
         self._start: int | None = None
         self._closed = False
@@ -433,7 +542,8 @@ class WavStreamWriter:
         except (AttributeError, OSError, ValueError):
             self._start = None
         header, self._riff_offset, self._data_offset = _wav_header(
-            self.sample_rate, self.channels, reserve_ds64=self._start is not None)
+            self.sample_rate, self.channels, reserve_ds64=self._start is not None, subtype=subtype,
+            info=audiotags.wav_info_chunk(tags or {}), channel_mask=channel_mask)
         self._write(header)
 
     def write(self, block: np.ndarray) -> None:
@@ -443,7 +553,7 @@ class WavStreamWriter:
             raise ValueError(f"expected [{self.channels}, n] audio, got shape {block.shape}")
         if not block.shape[1]:
             return
-        self._write(to_pcm16(block).T.tobytes())
+        self._write(encode_samples(block, self.subtype))
         self.frames_written += block.shape[1]
 
     def close(self) -> None:
@@ -452,7 +562,7 @@ class WavStreamWriter:
             return
         self._closed = True
         if not self.raw and self._start is not None:
-            data_bytes = self.frames_written * self.channels * 2
+            data_bytes = self.frames_written * self.channels * self._sample_bytes
             riff = self._data_offset + 4 + data_bytes - 8
             end = self._f.tell()
             if riff <= RF64_THRESHOLD:
@@ -478,28 +588,60 @@ class WavStreamWriter:
         write_all(self._f, data)
 
 
+#: What :class:`WavStreamWriter` writes: libsndfile's subtype names, and bytes per sample.
+_STREAM_SUBTYPES = {"PCM_16": 2, "PCM_24": 3, "FLOAT": 4}
+
+
 def to_pcm16(wav: np.ndarray) -> np.ndarray:
     """float -> int16 exactly as libsndfile writes PCM_16 (clipped to +-1, never wrapped)."""
-    clipped = np.clip(np.asarray(wav, dtype=np.float32), -1.0, np.float32(32767 / 32768))
-    return (np.rint(clipped.astype(np.float64) * 2.0 ** 31).astype(np.int64) >> 16).astype("<i2")
+    return _to_pcm(wav, 16).astype("<i2")
 
 
-def _wav_header(rate: int, channels: int, reserve_ds64: bool = False) -> tuple[bytes, int, int]:
-    """A PCM_16 header with unknown sizes; returns it with the offsets of both size fields.
+def _to_pcm(wav: np.ndarray, bits: int) -> np.ndarray:
+    """float -> ``bits``-bit integers (in int64) as libsndfile converts them: scaled to 32
+    bits, rounded, then shifted down; clipped first, so full scale saturates."""
+    top = np.float32((2 ** (bits - 1) - 1) / 2 ** (bits - 1))
+    clipped = np.clip(np.asarray(wav, dtype=np.float32), -1.0, top)
+    return np.rint(clipped.astype(np.float64) * 2.0 ** 31).astype(np.int64) >> (32 - bits)
 
-    ``reserve_ds64`` puts a 28-byte JUNK chunk (room for an RF64 ds64 chunk) first.
+
+def encode_samples(block: np.ndarray, subtype: str) -> bytes:
+    """``[C, n]`` float audio as interleaved little-endian ``PCM_16``, ``PCM_24`` or ``FLOAT`` bytes."""
+    if subtype == "PCM_16":
+        return to_pcm16(block).T.tobytes()
+    if subtype == "PCM_24":
+        ints = _to_pcm(block, 24).T.astype("<i4")
+        return np.ascontiguousarray(ints).view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+    if subtype == "FLOAT":
+        finite = np.nan_to_num(np.asarray(block, dtype=np.float32), nan=0.0)
+        return np.ascontiguousarray(finite.T, dtype="<f4").tobytes()
+    raise ValueError(f"no stream encoding for {subtype}")
+
+
+def _wav_header(rate: int, channels: int, reserve_ds64: bool = False,
+                subtype: str = "PCM_16", info: bytes = b"", channel_mask: int = 0) -> tuple[bytes, int, int]:
+    """A header for ``subtype`` samples with unknown sizes; returns it with the offsets of
+    both size fields.
+
+    ``reserve_ds64`` puts a 28-byte JUNK chunk (room for an RF64 ds64 chunk) first;
+    ``info`` (a LIST/INFO chunk of tags) goes just before ``data``. ``channel_mask`` (the
+    speakers, 0: the default for the count) is written in a WAVE_FORMAT_EXTENSIBLE header,
+    which is used for more than two channels (as Microsoft asks) and wherever the mask is
+    not plain mono or stereo.
     """
-    block_align = channels * 2
-    common = struct.pack("<HIIHH", channels, rate, rate * block_align, block_align, 16)
-    if channels <= 2:
-        fmt = struct.pack("<H", _TAG_PCM) + common
+    sample_bytes = _STREAM_SUBTYPES[subtype]
+    tag = _TAG_FLOAT if subtype == "FLOAT" else _TAG_PCM
+    block_align = channels * sample_bytes
+    bits = 8 * sample_bytes
+    common = struct.pack("<HIIHH", channels, rate, rate * block_align, block_align, bits)
+    mask = int(channel_mask) or audio.default_channel_mask(channels)
+    if channels <= 2 and mask == audio.default_channel_mask(channels):
+        fmt = struct.pack("<H", tag) + common
     else:
-        # More than two channels: WAVE_FORMAT_EXTENSIBLE, as Microsoft asks (no speaker mask).
-        guid = struct.pack("<H", _TAG_PCM) + _GUID_TAIL
-        fmt = struct.pack("<H", _TAG_EXTENSIBLE) + common + struct.pack("<HHI", 22, 16, 0) + guid
+        guid = struct.pack("<H", tag) + _GUID_TAIL
+        fmt = struct.pack("<H", _TAG_EXTENSIBLE) + common + struct.pack("<HHI", 22, bits, mask) + guid
     junk = b"JUNK" + struct.pack("<I", _DS64_SIZE) + bytes(_DS64_SIZE) if reserve_ds64 else b""
     header = (b"RIFF" + struct.pack("<I", _UNKNOWN_32) + b"WAVE" + junk
-              + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+              + b"fmt " + struct.pack("<I", len(fmt)) + fmt + info
               + b"data" + struct.pack("<I", _UNKNOWN_32))
     return header, 4, len(header) - 4
-

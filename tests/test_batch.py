@@ -72,7 +72,8 @@ def test_recursive_tree_is_mirrored(tmp_path, tree, tiny_mono_ckpt):
     assert result.exit_code == 0, result.stderr
     assert files_under(back) == ["a.wav", "sub/b.wav", "sub/deeper/c.wav"]
     info = soundfile.info(str(back / "sub" / "b.wav"))
-    assert (info.samplerate, info.channels, info.frames) == (22050, 2, int(0.3 * 22050))
+    # The original rate; the one channel the mono model coded (of the stereo input).
+    assert (info.samplerate, info.channels, info.frames) == (22050, 1, int(0.3 * 22050))
 
     # Without -o, outputs go beside their inputs; -q silences the summary.
     result = run("compress", tree / "a.wav", tree / "sub", "-r", "-q", "--checkpoint", tiny_mono_ckpt)
@@ -141,7 +142,10 @@ def test_single_input_keeps_single_file_rules(tmp_path, tree, tiny_mono_ckpt):
     outdir.mkdir()
     result = run("compress", tree / "a.wav", "-o", outdir, "--checkpoint", tiny_mono_ckpt)
     assert result.exit_code == 0, result.stderr
-    assert files_under(outdir) == ["a.ecdc"] and result.stderr == ""
+    assert files_under(outdir) == ["a.ecdc"]
+    # One file ends with its figures (issue 14, item 13), not a batch summary.
+    assert result.stderr.startswith(f"ecdc: {tree / 'a.wav'} -> {outdir / 'a.ecdc'}: 0.30 s of audio in ")
+    assert result.stderr.count("\n") == 1, result.stderr
     again = run("compress", tree / "a.wav", "-o", outdir, "--checkpoint", tiny_mono_ckpt)
     assert again.exit_code == 1 and "exists" in again.stderr  # not skipped: an error
     several = run("compress", tree / "a.wav", tree / "sub" / "b.flac", "-o", "-", "--checkpoint", tiny_mono_ckpt)

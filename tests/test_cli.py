@@ -55,7 +55,9 @@ def test_compress_info_decompress(tmp_path, wav_file, tiny_mono_ckpt):
     assert result.exit_code == 0, result.stderr
     data, rate = soundfile.read(str(out), always_2d=True)
     original, _ = soundfile.read(str(wav_file), always_2d=True)
-    assert rate == 44100 and data.shape[1] == 2  # original rate and channel count restored
+    # The original rate, and the one coded channel: a stereo input downmixed for a mono model
+    # decodes to mono (channels that were not coded are not invented).
+    assert rate == 44100 and data.shape[1] == 1
     assert abs(data.shape[0] - original.shape[0]) <= 1
     assert soundfile.info(str(out)).subtype == "PCM_16"
     assert leftovers(tmp_path) == []
@@ -80,7 +82,7 @@ def test_stdin_to_stdout_round_trip(wav_file, tiny_mono_ckpt):
     decoded = run("decompress", "-", "-o", "-", "--checkpoint", tiny_mono_ckpt, input=compressed.stdout_bytes)
     assert decoded.exit_code == 0, decoded.stderr
     data, rate = soundfile.read(io.BytesIO(decoded.stdout_bytes), always_2d=True)
-    assert rate == 44100 and data.shape[1] == 2
+    assert rate == 44100 and data.shape[1] == 1  # the downmix that was coded
 
 
 def test_dual_stereo_keeps_channels_apart(tmp_path, tiny_mono_ckpt):

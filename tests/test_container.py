@@ -433,14 +433,15 @@ def test_newer_major_version_is_refused_clearly(major: int) -> None:
 
 def test_newer_minor_version_with_appended_header_fields_is_read() -> None:
     header, chunks, total, data = small_file()
-    newer = rebuild_header(data, minor=9, extra=b"future fields \x00\x01\x02")
+    # Version 1.1's channel mask (0: the default layout) comes first, then the unknown fields.
+    newer = rebuild_header(data, minor=9, extra=bytes(4) + b"future fields \x00\x01\x02")
     assert read_ecdc(newer) == (header, chunks, total)
 
 
 def test_unknown_header_flag_is_refused() -> None:
     *_, data = small_file()
     with pytest.raises(UnsupportedFeatureError, match="flags"):
-        read_ecdc(rebuild_header(data, flags=0x03))
+        read_ecdc(rebuild_header(data, flags=0x05))  # bit 1 (0x02) is version 1.1's SEPARATE
 
 
 def test_unknown_chunk_types_are_skipped() -> None:

@@ -94,7 +94,7 @@ def v1_files(draw: st.DrawFn) -> tuple[bytes, list[CodeChunk]]:
     mode = draw(st.sampled_from(list(StereoMode)))
     channels, orig = {
         StereoMode.MONO: (1, 1), StereoMode.JOINT: (2, 2),
-        StereoMode.DOWNMIX: (1, 3), StereoMode.DUAL: (1, 2),
+        StereoMode.DOWNMIX: (1, 3), StereoMode.DUAL: (1, 2), StereoMode.SEPARATE: (1, 5),
     }[mode]
     hop = draw(st.sampled_from([1, 7, 320]))
     segmented = draw(st.booleans())

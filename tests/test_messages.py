@@ -168,8 +168,9 @@ def test_control_characters_in_salvage_warnings_are_escaped(tmp_path: Path, good
     bad.write_bytes(damaged(good_ecdc.read_bytes()))
     proc = ecdc("decompress", "--salvage", "--checkpoint", tiny_mono_ckpt, "-o", tmp_path / "x.wav", bad)
     assert proc.returncode == 0
-    warnings = lines(proc)
+    *warnings, stats = lines(proc)  # the run ends with its figures (issue 14, item 13), escaped too
     assert warnings and all(w.startswith(f"ecdc: warning: {tmp_path}/dam\\naged.ecdc: ") for w in warnings), warnings
+    assert stats.startswith(f"ecdc: {tmp_path}/dam\\naged.ecdc -> {tmp_path / 'x.wav'}: "), stats
 
 
 # --------------------------------------------------------------------------- item 14: misleading texts
