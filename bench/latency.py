@@ -158,6 +158,17 @@ def wav_data_offset(data: bytes) -> int:
     raise ValueError("no data chunk")
 
 
+def start_piped(args: argparse.Namespace, command: str, setting: str) -> tuple[subprocess.Popen, "Collector"]:
+    """``ecdc COMMAND - -o -`` at ``setting``, with a thread collecting what it writes."""
+    proc = subprocess.Popen(ecdc_command(args, command, "-", "-o", "-", *latency_words(setting)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env=child_env(args))
+    assert proc.stdin is not None and proc.stdout is not None
+    reader = Collector(proc.stdout.fileno())
+    reader.start()
+    return proc, reader
+
+
 def run_compress(args: argparse.Namespace, wav_path: Path, setting: str, ecdc_path: Path) -> Figures:
     """Also writes what came out to ``ecdc_path``: chunks as a live encoder sends them."""
     fig = Figures("compress", setting)
@@ -165,12 +176,7 @@ def run_compress(args: argparse.Namespace, wav_path: Path, setting: str, ecdc_pa
     split = wav_data_offset(wav_bytes)
     info = sf.info(str(wav_path))
     frame_bytes = 2 * info.channels
-    proc = subprocess.Popen(ecdc_command(args, "compress", "-", "-o", "-", *latency_words(setting)),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=child_env(args))
-    assert proc.stdin is not None and proc.stdout is not None
-    reader = Collector(proc.stdout.fileno())
-    reader.start()
+    proc, reader = start_piped(args, "compress", setting)
     proc.stdin.write(wav_bytes[:split])
     proc.stdin.flush()
     if reader.when(11, timeout=120) is None:  # the .ecdc header's first bytes: ready
@@ -210,12 +216,7 @@ def run_decompress(args: argparse.Namespace, ecdc_path: Path, setting: str) -> F
     fig = Figures("decompress", setting)
     data = ecdc_path.read_bytes()
     header, chunks, hop, rate = ecdc_layout(data)
-    proc = subprocess.Popen(ecdc_command(args, "decompress", "-", "-o", "-", *latency_words(setting)),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=child_env(args))
-    assert proc.stdin is not None and proc.stdout is not None
-    reader = Collector(proc.stdout.fileno())
-    reader.start()
+    proc, reader = start_piped(args, "decompress", setting)
     # The header and any chunk before the first code chunk (tags) at once, then a warm-up.
     first_code_start = chunks[0][0] if chunks else header
     proc.stdin.write(data[:first_code_start])

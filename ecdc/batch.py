@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 from .convert import (
     AUDIO_EXTENSIONS,
@@ -344,7 +344,26 @@ def _size(path: str) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-class _Progress:
+class BarLines:
+    """What every progress bar of ecdc shares: a tqdm bar (``self.bar``; None when not
+    shown) and the lines a run prints while it goes, kept above the bar, or plain lines
+    when there is none."""
+
+    bar: Any = None
+    stream: TextIO | None = None
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(printable(line), file=self.stream)
+        else:
+            emit(line, self.stream)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Progress(BarLines):
     """A tqdm bar over audio seconds with a files count, or nothing.
 
     tqdm counts whole milliseconds (``unit_scale`` shows them as seconds), so that sums of
@@ -397,16 +416,6 @@ class _Progress:
     def _postfix(self) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.done}/{self.files} files", refresh=True)
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(printable(line), file=self.stream)
-        else:
-            emit(line, self.stream)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _ms(seconds: float) -> int:

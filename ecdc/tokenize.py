@@ -164,7 +164,7 @@ def _staged(path: str) -> Tokens:
                       [int(n) for n in data["segments"]] if bool(data["has_segments"]) else None)
 
 
-class _HoursBar:
+class _HoursBar(batch.BarLines):
     """A tqdm bar over hours of audio with a files count (only on a terminal, never with ``-q``)."""
 
     def __init__(self, enabled: bool, total_seconds: float, files: int, stream: TextIO | None):
@@ -194,16 +194,6 @@ class _HoursBar:
         if self.bar is not None:
             self.bar.set_description_str(f"{self.seconds / 3600:.2f}/{self.total / 3600:.2f} h of audio, "
                                          f"{self.done}/{self.files} files", refresh=False)
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(printable(line), file=self.stream)
-        else:
-            emit(line, self.stream)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @dataclass

@@ -221,10 +221,14 @@ class EncodecConfig:
         return self.codebooks_for(self.bandwidths[-1])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of JSON types (tuples become lists)."""
+        """Plain dict of JSON types (tuples become lists). ``conv_shortcut`` appears only when
+        False (the 32 kHz model): every config written before it existed, released ones
+        included, stays the same dict."""
         d = dataclasses.asdict(self)
         d["bandwidths"] = list(self.bandwidths)
         d["ratios"] = list(self.ratios)
+        if self.conv_shortcut:
+            del d["conv_shortcut"]
         return d
 
     @classmethod
