@@ -408,8 +408,9 @@ _STEREO_GAINS = {
 }
 _NO_SPEAKER_GAINS = (_HALF_POWER, _HALF_POWER)
 
-# The format tag of a WAV 'fmt ' chunk that carries a channel mask.
-_WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+#: The format tag of a WAV 'fmt ' chunk that carries a channel mask (WAVE_FORMAT_EXTENSIBLE);
+#: also what wavstream's reader and writer use.
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 
 def default_channel_mask(channels: int) -> int:
@@ -574,7 +575,7 @@ def fmt_channel_mask(fmt: bytes, endian: str = "<") -> int | None:
         return None
     (tag,) = struct.unpack_from(endian + "H", fmt)
     (extension,) = struct.unpack_from(endian + "H", fmt, 16)  # cbSize: 22 when the mask is there
-    if tag != _WAVE_FORMAT_EXTENSIBLE or extension < 22:
+    if tag != WAVE_FORMAT_EXTENSIBLE or extension < 22:
         return None
     (mask,) = struct.unpack_from(endian + "I", fmt, 20)
     return int(mask)

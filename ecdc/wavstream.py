@@ -65,7 +65,7 @@ _DS64_SIZE = 28
 _DS64_OFFSET = 12
 _TAG_PCM = 0x0001
 _TAG_FLOAT = 0x0003
-_TAG_EXTENSIBLE = 0xFFFE
+_TAG_EXTENSIBLE = audio.WAVE_FORMAT_EXTENSIBLE
 # The tail of every WAVE_FORMAT_EXTENSIBLE sub-format GUID; its first 2 bytes are the tag.
 _GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
 # Chunks before 'data' larger than this are refused (a corrupt size, not metadata).
